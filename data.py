@@ -1,0 +1,206 @@
+"""Text in, batches of token windows out: tokenizers, datasets, a token cache, the batch stream.
+
+  tokenizer   'byte': the UTF-8 bytes, 256 ids, no file needed.
+              'gpt2': GPT-2's BPE through tiktoken, built offline from the vendored gpt2.tiktoken.
+  --data      'stdlib' (default): the .py files of the running Python's standard library, about
+              12 MB of real text that every machine already has.
+              'shakespeare': Tiny Shakespeare, downloaded once (the only network access).
+              a text file, a folder, or a glob; or a folder holding nanoGPT's train.bin/val.bin.
+
+Text is tokenized once into uint16 train.bin/val.bin under the cache folder, then memory-mapped.
+Batches are a pure function of (seed, cursor), so a checkpoint only has to save the cursor.
+
+Needs: nothing from the other files.
+"""
+import base64
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A problem with the user's data, reported as one line."""
+
+
+# --- tokenizers --------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    vocab_size = 256
+    eot = 0  # NUL never occurs in text, so it can mark the end of a document
+
+    def encode(self, text):
+        return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.uint16)
+
+    def decode(self, ids):
+        return bytes(int(i) for i in ids).decode('utf-8', errors='replace').replace('\0', '<|endoftext|>')
+
+
+# tiktoken's own sha256 for these ranks (its r50k_base; the 'gpt2' encoding has the same ranks)
+GPT2_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
+
+
+class GPT2Tokenizer:
+    vocab_size = 50257
+    eot = 50256  # <|endoftext|>
+
+    def __init__(self, path=Path(__file__).with_name('gpt2.tiktoken')):
+        import tiktoken
+        from tiktoken_ext.openai_public import r50k_pat_str  # the pre-split regex; reads no file
+        raw = Path(path).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != GPT2_SHA256:
+            raise DataError(f"{path} is not GPT-2's BPE ranks (sha256 mismatch): restore it with git checkout")
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in raw.splitlines() if line)}
+        self.enc = tiktoken.Encoding('gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                     special_tokens={'<|endoftext|>': self.eot})
+
+    def encode(self, text):
+        return np.array(self.enc.encode_ordinary(text), np.uint16)  # 50257 ids fit in uint16
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids])
+
+
+def get_tokenizer(name):
+    if name not in ('byte', 'gpt2'):
+        raise DataError(f"--tokenizer={name!r} is unknown: use byte or gpt2")
+    return ByteTokenizer() if name == 'byte' else GPT2Tokenizer()
+
+
+# --- datasets: a list of (name, text) documents, split into train and val ----------------------
+
+SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
+
+
+def stdlib_files():
+    """The standard library's .py files, sorted, without test suites or installed packages."""
+    root = Path(sysconfig.get_paths()['stdlib'])
+    skip = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages'}
+    return root, sorted(p for p in root.rglob('*.py') if not skip & set(p.relative_to(root).parts[:-1]))
+
+
+def source_files(data, cache_dir):
+    """--data -> (root, files). Raises DataError with the fix when there is nothing to read."""
+    if data == 'stdlib':
+        return stdlib_files()
+    if data == 'shakespeare':
+        path = Path(cache_dir) / 'shakespeare.txt'
+        if not path.exists():
+            download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
+        return path.parent, [path]
+    path = Path(data)
+    if path.is_file():
+        return path.parent, [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob('*') if p.is_file() and not p.name.startswith('.'))
+        return path, files
+    files = sorted(Path(p) for p in glob.glob(data, recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(f"--data={data!r}: no such file, folder or glob match: check the path")
+    return Path(os.path.commonpath([p.parent for p in files])), files
+
+
+def download(url, path, sha256):
+    print(f"downloading {url} (once) ...")
+    try:
+        raw = urllib.request.urlopen(url, timeout=30).read()
+    except OSError as e:
+        raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}): connect to the network, "
+                        f"or save the file yourself and pass --data=path/to/file") from None
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise DataError(f"{url} gave a file whose sha256 is not {sha256}: nothing was saved; try again later")
+    atomic_write(path, raw)
+
+
+def atomic_write(path, raw):
+    """Write to a temporary name, flush to disk, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def split_documents(root, files):
+    """(train, val) lists of texts. Many files: about 1 in 10 goes to val, chosen by a hash of its
+    name so the choice never changes. One file: its last 10% (by characters) is val, as nanoGPT."""
+    texts = [(str(p.relative_to(root)), p.read_text('utf-8', errors='replace')) for p in files]
+    texts = [(name, t) for name, t in texts if t]
+    if not texts:
+        raise DataError("the dataset is empty: point --data at files that hold text")
+    if len(texts) == 1:
+        text = texts[0][1]
+        cut = int(len(text) * 0.9)
+        return [text[:cut]], [text[cut:]]
+    is_val = [zlib.crc32(name.encode()) % 10 == 0 for name, _ in texts]
+    if not any(is_val):
+        is_val[-1] = True
+    return ([t for (_, t), v in zip(texts, is_val) if not v],
+            [t for (_, t), v in zip(texts, is_val) if v])
+
+
+# --- the token cache -----------------------------------------------------------------------------
+
+def load_tokens(data, tokenizer, cache_dir):
+    """--data -> (train, val) uint16 token arrays (np.memmap), tokenizing on first use only."""
+    path = Path(data)
+    if (path / 'train.bin').is_file() and (path / 'val.bin').is_file():  # nanoGPT's prepare.py output
+        return [np.memmap(path / f'{s}.bin', np.uint16, 'r') for s in ('train', 'val')]
+    root, files = source_files(data, cache_dir)
+    # the cache is keyed by the tokenizer and by every file's name, size and time, so editing
+    # the data makes a new cache instead of silently reusing a stale one
+    stamp = json.dumps([tokenizer] + [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    folder = Path(cache_dir) / f"{path.name or 'data'}-{tokenizer}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
+    if not (folder / 'val.bin').exists():
+        tok = get_tokenizer(tokenizer)
+        for split, docs in zip(('train', 'val'), split_documents(root, files)):
+            # documents are joined with <|endoftext|>, as GPT-2 was trained
+            ids = np.concatenate([np.append(tok.encode(d), np.uint16(tok.eot)) for d in docs])
+            atomic_write(folder / f'{split}.bin', ids.tobytes())  # val last: its presence marks done
+        print(f"tokenized {len(files)} files of {data} into {folder}")
+    return [np.memmap(folder / f'{s}.bin', np.uint16, 'r') for s in ('train', 'val')]
+
+
+# --- the batch stream ----------------------------------------------------------------------------
+
+class Batches:
+    """Global batches of (batch_size, T+1) windows; inputs are [:, :-1], targets [:, 1:].
+
+    The tokens are cut into non-overlapping windows of T+1. Each epoch visits every window once,
+    in a fresh permutation seeded by (seed, epoch). The cursor counts windows handed out, so a
+    run can stop anywhere and resume at the same window. Row i of a batch goes to data shard
+    i // (batch_size / data): each shard its own contiguous slice, never the same window.
+    """
+
+    def __init__(self, tokens, block_size, batch_size, seed, split='train'):
+        self.tokens, self.T, self.B, self.seed = tokens, block_size, batch_size, seed
+        self.n = len(tokens) // (block_size + 1)  # windows per epoch
+        if self.n < batch_size:
+            raise DataError(f"the {split} split has {len(tokens):,} tokens, fewer than one batch of "
+                            f"{batch_size} x {block_size + 1}: use more data or a smaller "
+                            f"--batch_size or --block_size")
+        self.perm = (-1, None)  # (epoch, permutation) of the last epoch used
+
+    def window_starts(self, cursor):
+        idx = cursor + np.arange(self.B)
+        starts = np.empty(self.B, np.int64)
+        for epoch in np.unique(idx // self.n):  # at most two: a batch may straddle an epoch end
+            if self.perm[0] != epoch:
+                self.perm = (epoch, np.random.default_rng((self.seed, int(epoch))).permutation(self.n))
+            here = idx // self.n == epoch
+            starts[here] = self.perm[1][idx[here] % self.n] * (self.T + 1)
+        return starts
+
+    def get(self, cursor):  # -> (B, T+1) int32, and the cursor after it
+        batch = np.stack([self.tokens[s:s + self.T + 1] for s in self.window_starts(cursor)])
+        return batch.astype(np.int32), cursor + self.B

@@ -1,0 +1,91 @@
+"""Sample text from a trained checkpoint.
+
+    python sample.py                                   # from out/, the default run's folder
+    python sample.py --start="def main(" --num_samples=3 --max_new_tokens=200
+    python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=200 --seed=1
+
+The model, tokenizer and dtype come from the checkpoint's saved config; the weights are loaded
+onto a mesh of all devices (split over 'model' as in training), through the same shard_map code.
+
+Needs: model.py (GPTConfig), shard.py (mesh, params, checkpoint loading), data.py (tokenizers).
+"""
+import glob
+import os
+import sys
+from dataclasses import dataclass, fields
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import data
+import shard
+from model import GPTConfig
+
+
+def generate(logits_fn, params, prompt, max_new_tokens, block_size, vocab_size,
+             temperature=1.0, top_k=None, key=None, num_samples=1):
+    """Autoregressive sampling. prompt: list of token ids -> (num_samples, len + new) ids.
+
+    Each step runs the model on a fixed (num_samples, block_size) window, so it compiles once:
+    the context is left-aligned and padded on the right, and causal attention guarantees the
+    padding never affects the position we read (pos). Past block_size the window slides."""
+
+    @jax.jit
+    def next_token(params, window, pos, key):  # window (N, T) int32 -> (N,) next ids
+        logits = logits_fn(params, window)[:, pos, :vocab_size] / temperature  # drop the padding
+        if top_k:  # keep the k most likely tokens, renormalize over them
+            kth = jax.lax.top_k(logits, min(top_k, vocab_size))[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits)
+
+    key = jax.random.key(0) if key is None else key
+    ids = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))  # (N, t)
+    for i in range(max_new_tokens):
+        context = ids[:, -block_size:]
+        window = np.zeros((num_samples, block_size), np.int32)
+        window[:, :context.shape[1]] = context
+        nxt = next_token(params, window, context.shape[1] - 1, jax.random.fold_in(key, i))
+        ids = np.concatenate([ids, np.asarray(nxt)[:, None]], axis=1)
+    return ids
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = 'out'  # the folder train.py wrote its checkpoints to
+    start: str = '\n'  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 2
+    max_new_tokens: int = 300
+    temperature: float = 0.8  # < 1 sharper, > 1 more random
+    top_k: int = 200  # 0 keeps every token
+    seed: int = 1337
+    mesh: str = ''
+
+
+def main(argv):
+    import train  # for its flag parser; imported here, as train.py imports this file
+    cfg = train.parse_flags(argv, SampleConfig(), presets={})
+    ckpts = sorted(glob.glob(os.path.join(cfg.out_dir, 'ckpt_*.npz')))
+    if not ckpts:
+        sys.exit(f"sample.py: no checkpoint in {cfg.out_dir}/: run python train.py first, or pass --out_dir")
+    arrays, meta = shard.read(ckpts[-1])
+    tc = meta['config']
+    model_cfg = GPTConfig(**{f.name: tc[f.name] for f in fields(GPTConfig)})
+    tok = data.get_tokenizer(tc['tokenizer'])
+    mesh = shard.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, train.storage_dtype(tc))
+        params = shard.place(arrays, {'params': params})['params']
+        start = open(cfg.start[5:]).read() if cfg.start.startswith('FILE:') else cfg.start
+        prompt = tok.encode(start).tolist() or [tok.eot]
+        logits_fn = shard.make_logits(graphdef, specs, mesh, tc['dtype'])
+        out = generate(logits_fn, params, prompt, cfg.max_new_tokens, model_cfg.block_size,
+                       model_cfg.vocab_size, cfg.temperature, cfg.top_k, jax.random.key(cfg.seed),
+                       cfg.num_samples)
+    for row in out:
+        print(tok.decode(row))
+        print('---------------')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
