@@ -12,7 +12,7 @@ Needs: model.py (GPTConfig), shard.py (mesh, params, checkpoint loading), data.p
 import glob
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,7 @@ def main(argv):
         sys.exit(f"sample.py: no checkpoint in {cfg.out_dir}/: run python train.py first, or pass --out_dir")
     arrays, meta = shard.read(ckpts[-1])
     tc = meta['config']
-    model_cfg = GPTConfig(**{f.name: tc[f.name] for f in fields(GPTConfig)})
+    model_cfg = GPTConfig(**meta['model'])
     tok = data.get_tokenizer(tc['tokenizer'])
     mesh = shard.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):

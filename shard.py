@@ -55,7 +55,6 @@ def init_params(cfg, mesh, seed, dtype):
     abstract = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(seed)))  # shapes and layouts, no memory
     graphdef, abstract_state = nnx.split(abstract)
     specs = nnx.get_partition_spec(abstract_state)  # one PartitionSpec per param, from model.py
-    check_divisible(cfg, mesh)
 
     @jax.jit
     def init():  # each device computes and keeps only its own shards
@@ -67,6 +66,8 @@ def init_params(cfg, mesh, seed, dtype):
 
 def check_divisible(cfg, mesh):
     m = mesh.shape['model']
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: change one")
     if cfg.n_head % m:
         raise ValueError(f"n_head={cfg.n_head} is not divisible by the model axis ({m}): "
                          "choose a --mesh model size that divides n_head")

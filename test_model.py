@@ -11,6 +11,7 @@ os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_p
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,218 @@ def test_bf16_trains_close_to_float32():
     # stated tolerance: the mean of the last 5 losses within 5% of float32's
     assert abs(bf16[-5:].mean() - f32[-5:].mean()) < 0.05 * f32[-5:].mean(), (bf16[-5:], f32[-5:])
     assert abs(bf16_only[-5:].mean() - f32[-5:].mean()) < 0.05 * f32[-5:].mean(), (bf16_only[-5:], f32[-5:])
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['byte', 'gpt2'])
+def test_tokenizer_round_trip(name):
+    tok = data.get_tokenizer(name)
+    text = "def f(x):\n    return x ** 2  # héllo, wörld ✓\n"
+    ids = tok.encode(text)
+    assert ids.dtype == np.uint16 and ids.max() < tok.vocab_size
+    assert tok.decode(ids) == text
+    if name == 'gpt2':  # GPT-2's own ids, so its published weights would read our tokens
+        assert tok.encode('Hello world').tolist() == [15496, 995]
+
+
+def test_batches_deterministic_disjoint_and_per_shard():
+    toks = np.arange(17 * 40, dtype=np.uint16)  # 40 windows of T+1 = 17, each starting at 17k
+    a, b = data.Batches(toks, 16, 8, seed=3), data.Batches(toks, 16, 8, seed=3)
+    starts = [a.window_starts(c) for c in range(0, 80, 8)]  # two epochs
+    np.testing.assert_array_equal(starts[3], b.window_starts(24))  # a pure function of the cursor
+    epoch1, epoch2 = np.concatenate(starts[:5]), np.concatenate(starts[5:])
+    assert sorted(epoch1) == sorted(epoch2) == list(range(0, 17 * 40, 17))  # each window once
+    assert not np.array_equal(epoch1, epoch2)  # in a new order each epoch
+    batch, cursor = a.get(0)
+    assert cursor == 8 and batch.shape == (8, 17)
+    shards = batch.reshape(4, 2, 17)  # what a 4-way data axis hands each device
+    assert len({tuple(s[:, 0]) for s in shards}) == 4  # different windows on every shard
+    np.testing.assert_array_equal(batch[:, 1:], batch[:, :-1] + 1)  # windows are contiguous text
+
+
+def test_dataset_split_and_cache(tmp_path):
+    folder = tmp_path / 'docs'
+    folder.mkdir()
+    for i in range(30):
+        (folder / f'doc{i}.txt').write_text(f'document {i} ' * 50)
+    train_a, val_a = data.load_tokens(str(folder), 'byte', tmp_path / 'cache')
+    train_b, val_b = data.load_tokens(str(folder), 'byte', tmp_path / 'cache')  # from the cache
+    np.testing.assert_array_equal(train_a, train_b)
+    texts = [data.ByteTokenizer().decode(t).split('<|endoftext|>')[:-1] for t in (train_a, val_a)]
+    assert len(texts[0]) + len(texts[1]) == 30 and len(texts[1]) >= 1  # whole documents each side
+    assert not set(texts[0]) & set(texts[1])
+    one = tmp_path / 'one.txt'
+    one.write_text('abcdefghij' * 100)
+    train_c, val_c = data.load_tokens(str(one), 'byte', tmp_path / 'cache')
+    assert (len(train_c), len(val_c)) == (901, 101)  # 90% / 10% of the text, plus <|endoftext|>
+
+
+def test_sample_greedy_matches_argmax():
+    """Top-1 sampling picks the argmax of the model's full, unpadded forward pass at every step."""
+    mesh = mesh_of('data=1,model=1')
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
+        logits = shard.make_logits(graphdef, specs, mesh, 'float32')
+        out = sample.generate(logits, params, [1, 2, 3], 20, CFG.block_size, CFG.vocab_size,
+                              top_k=1, num_samples=2)
+        assert out.shape == (2, 23) and (out[0] == out[1]).all()
+        for t in range(3, 23):  # recompute each token from its own context (which slides past T)
+            context = out[:1, max(0, t - CFG.block_size):t]
+            assert np.argmax(np.asarray(logits(params, context))[0, -1, :CFG.vocab_size]) == out[0, t]
+
+
+# --- train.py and sample.py as a user runs them ---------------------------------------------------
+
+TINY = ['--block_size=16', '--n_layer=2', '--n_head=4', '--n_embd=32', '--batch_size=8',
+        '--eval_iters=2', '--log_interval=1', '--sample_tokens=0', '--dtype=float32']
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    """A small real text (this repo's own source), and a cache folder for its tokens."""
+    root = tmp_path_factory.mktemp('corpus')
+    (root / 'code.txt').write_text(''.join((HERE / f).read_text() for f in ('model.py', 'shard.py', 'data.py')))
+    return root
+
+
+def cli(script, corpus, *flags, devices=1, wait=True):
+    cmd = [sys.executable, str(HERE / script)]
+    if script == 'train.py':
+        cmd += [f"--data={corpus / 'code.txt'}", f"--cache_dir={corpus / 'cache'}", *TINY]
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               PYTHONUNBUFFERED='1')
+    if not wait:
+        return subprocess.Popen(cmd + list(flags), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd + list(flags), env=env, capture_output=True, text=True, timeout=300)
+
+
+def losses(out_dir):  # step -> loss, the last logged value of each step
+    rows = [json.loads(l) for l in (Path(out_dir) / 'metrics.jsonl').read_text().splitlines()]
+    return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+def test_train_then_sample(corpus, tmp_path):
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=8', '--eval_interval=4',
+            '--sample_tokens=20')
+    assert r.returncode == 0, r.stderr
+    assert 'val loss' in r.stdout and 'sample:' in r.stdout and 'memory per device' in r.stdout
+    log = losses(tmp_path)
+    assert sorted(log) == list(range(1, 9)) and log[8] < log[1]
+    r = cli('sample.py', corpus, f'--out_dir={tmp_path}', '--start=def ', '--max_new_tokens=10',
+            '--num_samples=2')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('def ') and r.stdout.count('---------------') == 2
+
+
+def test_resume_after_sigkill_is_exact(corpus, tmp_path):
+    """Kill -9 at a random step, resume, and every step's loss equals an uninterrupted run's,
+    bit for bit (dropout on, so the saved PRNG key matters, as the data cursor does)."""
+    flags = ['--max_iters=60', '--eval_interval=10', '--dropout=0.1']
+    assert cli('train.py', corpus, f'--out_dir={tmp_path / "a"}', *flags).returncode == 0
+    p = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', *flags, wait=False)
+    kill_at = np.random.default_rng().integers(12, 50)
+    metrics = tmp_path / 'b' / 'metrics.jsonl'
+    while p.poll() is None and max(losses(tmp_path / 'b') if metrics.exists() else {}, default=0) < kill_at:
+        pass
+    p.kill()
+    assert p.wait() == -9, "the run ended before it could be killed"
+    r = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', *flags, '--resume')
+    assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr
+    assert losses(tmp_path / 'b') == losses(tmp_path / 'a')
+
+
+def test_resume_on_another_mesh(corpus, tmp_path):
+    flags = ['--max_iters=8', '--eval_interval=4']
+    r = cli('train.py', corpus, f'--out_dir={tmp_path / "a"}', '--mesh=data=8', *flags, devices=8)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / 'b').mkdir()
+    (tmp_path / 'b' / 'ckpt_0000004.npz').write_bytes((tmp_path / 'a' / 'ckpt_0000004.npz').read_bytes())
+    r = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', '--mesh=data=2,model=4', *flags,
+            '--resume', devices=8)
+    assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr
+    a, b = losses(tmp_path / 'a'), losses(tmp_path / 'b')
+    assert sorted(b) == [5, 6, 7, 8]
+    np.testing.assert_allclose([b[s] for s in b], [a[s] for s in b], rtol=1e-5)
+
+
+def test_half_written_checkpoint_leaves_the_previous_one(corpus, tmp_path):
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=8', '--eval_interval=4')
+    assert r.returncode == 0, r.stderr
+    # a kill during a save leaves the temporary file half written; it is never the newest checkpoint
+    half = (tmp_path / 'ckpt_0000008.npz').read_bytes()
+    (tmp_path / 'ckpt_0000012.npz.tmp').write_bytes(half[:len(half) // 2])
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=12', '--eval_interval=4', '--resume')
+    assert r.returncode == 0 and 'ckpt_0000008.npz at step 8' in r.stdout, r.stderr
+
+
+def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
+    p = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=100000',
+            wait=False)
+    while p.poll() is None and not ((tmp_path / 'metrics.jsonl').exists() and losses(tmp_path)):
+        pass
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    step = int(re.search(r'stopped by signal at step (\d+)', out).group(1))
+    assert (tmp_path / f'ckpt_{step:07d}.npz').exists()
+
+
+def test_nonfinite_loss_stops_and_keeps_the_checkpoint(corpus, tmp_path):
+    assert cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=4', '--eval_interval=4').returncode == 0
+    before = snapshot(tmp_path)
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=8', '--eval_interval=4',
+            '--learning_rate=1e30', '--resume')
+    assert r.returncode != 0 and re.search(r'the loss became nan at step [5-8]', r.stderr), r.stderr
+    assert {k: v for k, v in snapshot(tmp_path).items() if 'ckpt' in k} == {k: v for k, v in before.items() if 'ckpt' in k}
+
+
+def snapshot(folder):
+    return {str(p): p.read_bytes() for p in Path(folder).rglob('*') if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def trained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp('trained')
+    assert cli('train.py', corpus, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4').returncode == 0
+    return out
+
+
+BAD = {  # flags -> what the one-line message must say
+    'missing data': (['--out_dir={fresh}', '--data=/no/such/file.txt'], 'no such file, folder or glob'),
+    'empty data': (['--out_dir={fresh}', '--data={empty}'], 'the dataset is empty'),
+    'data shorter than a batch': (['--out_dir={fresh}', '--data={tiny}'], 'fewer than one batch'),
+    'val split too small': (['--out_dir={fresh}', '--data={short}', '--batch_size=4'], 'the val split has'),
+    'mesh size': (['--out_dir={fresh}', '--mesh=data=3'], 'needs 3 devices but 2 are present'),
+    'mesh syntax': (['--out_dir={fresh}', '--mesh=pipeline=2'], 'write it as data=N,model=M'),
+    'batch not divisible': (['--out_dir={fresh}', '--batch_size=6', '--grad_accum=4'], 'not divisible by data axis x grad_accum'),
+    'heads not divisible': (['--out_dir={fresh}', '--mesh=model=2', '--n_head=3', '--n_embd=48'], 'not divisible by the model axis'),
+    'unknown flag': (['--learning_rat=1e-3'], "unknown flag '--learning_rat=1e-3'"),
+    'wrong type': (['--batch_size=lots'], "--batch_size='lots' is not a int"),
+    'unknown preset': (['--preset=gpt5'], "unknown preset 'gpt5'"),
+    'unknown tokenizer': (['--out_dir={fresh}', '--tokenizer=sentencepiece'], "--tokenizer='sentencepiece' is unknown"),
+    'resume without checkpoint': (['--out_dir={fresh}', '--resume'], 'no checkpoint in'),
+    'corrupt checkpoint': (['--out_dir={corrupt}', '--resume'], 'is corrupt or truncated'),
+    'checkpoint of another shape': (['--resume', '--n_layer=3'], 'was trained with --n_layer=2'),
+    'new run over a checkpoint': ([], 'already holds checkpoints: pass --resume'),
+    'unwritable out_dir': (['--out_dir={file}/out'], 'cannot be written'),
+}
+
+
+@pytest.mark.parametrize('case', BAD)
+def test_bad_input_one_line_nothing_touched(case, corpus, trained, tmp_path):
+    flags, message = BAD[case]
+    (tmp_path / 'empty.txt').write_text('')
+    (tmp_path / 'tiny.txt').write_text('too short')
+    (tmp_path / 'short.txt').write_text('x' * 600)  # 540 train tokens, 60 val: fewer than 4 x 17
+    (tmp_path / 'file').write_text('a file, not a folder')
+    corrupt = tmp_path / 'corrupt'
+    corrupt.mkdir()
+    (corrupt / 'ckpt_0000004.npz').write_bytes((trained / 'ckpt_0000004.npz').read_bytes()[:5000])
+    names = dict(empty=tmp_path / 'empty.txt', tiny=tmp_path / 'tiny.txt', short=tmp_path / 'short.txt',
+                 file=tmp_path / 'file', fresh=tmp_path / 'fresh', corrupt=corrupt)
+    before = snapshot(trained), snapshot(tmp_path)
+    r = cli('train.py', corpus, f'--out_dir={trained}', *[f.format(**names) for f in flags], devices=2)
+    assert r.returncode != 0
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (snapshot(trained), snapshot(tmp_path)) == before

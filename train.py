@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -129,19 +130,17 @@ def main(argv):
     cfg = parse_flags(argv, Config(), PRESETS)
     try:
         run(cfg)
-    except (data.DataError, ValueError, OSError) as e:  # bad input: one line, nothing written
+    except (ValueError, FloatingPointError) as e:  # bad input: one line, nothing overwritten
         sys.exit(f"train.py: {e}")
 
 
 def run(cfg):
-    # --- data: tokens on disk, batches as a pure function of (seed, cursor) ------------------
+    # --- checks that must pass before anything is read or written -----------------------------
     vocab_size = data.get_tokenizer(cfg.tokenizer).vocab_size
-    train_tokens, val_tokens = data.load_tokens(cfg.data, cfg.tokenizer, cfg.cache_dir)
-    train_batches = data.Batches(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, 'train')
-    val_batches = data.Batches(val_tokens, cfg.block_size, cfg.batch_size, cfg.seed, 'val')
-
-    # --- the mesh and the checks that must pass before anything is written -------------------
+    model_cfg = GPTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
+                             if f.name != 'vocab_size'}, vocab_size=vocab_size)
     mesh = shard.make_mesh(cfg.mesh)
+    shard.check_divisible(model_cfg, mesh)
     per_step = mesh.shape['data'] * cfg.grad_accum
     if cfg.batch_size % per_step:
         raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by data axis x grad_accum "
@@ -152,13 +151,21 @@ def run(cfg):
     if ckpts and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue, "
                          "another --out_dir, or --overwrite to delete them")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if not os.access(cfg.out_dir, os.W_OK):
-        raise ValueError(f"--out_dir={cfg.out_dir} is not writable: choose another folder")
+    # --- data: tokens on disk, batches as a pure function of (seed, cursor) ------------------
+    train_tokens, val_tokens = data.load_tokens(cfg.data, cfg.tokenizer, cfg.cache_dir)
+    if max(t[:10**6].max(initial=0) for t in (train_tokens, val_tokens)) >= vocab_size:  # a glance
+        raise ValueError(f"--data={cfg.data} holds token ids beyond the {cfg.tokenizer} tokenizer's "
+                         f"{vocab_size}: pass the --tokenizer it was made with")
+    train_batches = data.Batches(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, 'train')
+    val_batches = data.Batches(val_tokens, cfg.block_size, cfg.batch_size, cfg.seed, 'val')
+    try:  # the first write to out_dir, once every input has been checked
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.out_dir).close()  # can we write there? (leaves nothing)
+    except OSError as e:
+        raise ValueError(f"--out_dir={cfg.out_dir} cannot be written ({e.strerror}): choose another folder")
+
 
     # --- the model, sharded, and the optimizer ------------------------------------------------
-    model_cfg = GPTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
-                             if f.name != 'vocab_size'}, vocab_size=vocab_size)
     jax.set_mesh(mesh)
     graphdef, params, specs = shard.init_params(model_cfg, mesh, cfg.seed, storage_dtype(vars(cfg)))
     tx, lr_schedule = shard.make_optimizer(cfg, params)
@@ -169,9 +176,9 @@ def run(cfg):
 
     if cfg.resume:
         arrays, meta = shard.read(ckpts[-1])
-        saved = meta['config']
-        wrong = [k for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'tokenizer')
-                 if saved[k] != getattr(cfg, k)]
+        saved = {**meta['model'], 'tokenizer': meta['config']['tokenizer']}
+        wrong = [k for k, v in saved.items() if k in ('n_layer', 'n_head', 'n_embd', 'block_size',
+                                                      'bias', 'tokenizer') and getattr(cfg, k) != v]
         if wrong:
             raise ValueError(f"{ckpts[-1]} was trained with " + ', '.join(f"--{k}={saved[k]}" for k in wrong)
                              + ": pass the same flags (or its --preset) to resume it")
@@ -198,7 +205,8 @@ def run(cfg):
         return float(np.mean(jax.device_get(losses)))
 
     def save_checkpoint():
-        meta = dict(step=step, cursor=cursor, key=jax.random.key_data(key).tolist(), config=vars(cfg))
+        meta = dict(step=step, cursor=cursor, key=jax.random.key_data(key).tolist(), config=vars(cfg),
+                    model=dataclasses.asdict(model_cfg))
         path = os.path.join(cfg.out_dir, f'ckpt_{step:07d}.npz')
         shard.save(path, {'params': params, 'opt': opt_state}, meta)
         for old in sorted(glob.glob(os.path.join(cfg.out_dir, 'ckpt_*.npz')))[:-cfg.keep_checkpoints]:
@@ -219,22 +227,28 @@ def run(cfg):
         params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(key, step))
         pending.append(loss)  # read back only at log time, so the host never waits on the device
         step += 1
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+        at_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters or stop
+        if at_eval or step % cfg.log_interval == 0:  # never save without checking the losses
             losses = np.array(jax.device_get(pending))
             if not np.all(np.isfinite(losses)):
-                bad = step - len(losses) + int(np.argmin(np.isfinite(losses)))
-                sys.exit(f"train.py: the loss became {losses[~np.isfinite(losses)][0]} at step {bad}: "
-                         f"stopping; the last good checkpoint in {cfg.out_dir}/ is untouched. "
-                         "Try a lower --learning_rate")
+                bad = step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))
+                raise FloatingPointError(f"the loss became {losses[~np.isfinite(losses)][0]} at step {bad}: "
+                                         f"stopped; the last good checkpoint in {cfg.out_dir}/ is untouched. "
+                                         "Try a lower --learning_rate")
             dt = (time.time() - t0) / len(pending)
             eta = (cfg.max_iters - step) * (time.time() - t_start) / (step - start_step)
             lr = float(lr_schedule(step - 1))
             print(f"step {step:5d} | loss {losses[-1]:.4f} | lr {lr:.2e} | {dt * 1000:6.1f} ms/step | "
                   f"{cfg.batch_size * cfg.block_size / dt:8.0f} tok/s | eta {eta / 60:.1f} min")
-            log(step=step, loss=float(losses[-1]), lr=lr, ms_per_step=dt * 1000)
+            for i, l in enumerate(losses):  # every step's loss, for exact comparisons between runs
+                log(step=step - len(losses) + 1 + i, loss=float(l))
+            log(step=step, lr=lr, ms_per_step=dt * 1000)
             pending, t0 = [], time.time()
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters or stop:
+        if at_eval:
             val = evaluate()
+            if not np.isfinite(val):
+                raise FloatingPointError(f"the validation loss became {val} at step {step}: stopped; "
+                                         f"the last good checkpoint in {cfg.out_dir}/ is untouched")
             print(f"step {step:5d} | val loss {val:.4f} | saved {save_checkpoint()}")
             log(step=step, val_loss=val)
             t0 = time.time()  # evaluation and saving are not training time
