@@ -176,29 +176,33 @@ def load_tokens(data, tokenizer, cache_dir):
 class Batches:
     """Global batches of (batch_size, T+1) windows; inputs are [:, :-1], targets [:, 1:].
 
-    The tokens are cut into non-overlapping windows of T+1. Each epoch visits every window once,
-    in a fresh permutation seeded by (seed, epoch). The cursor counts windows handed out, so a
-    run can stop anywhere and resume at the same window. Row i of a batch goes to data shard
-    i // (batch_size / data): each shard its own contiguous slice, never the same window.
+    Each epoch cuts the tokens into non-overlapping windows of T+1, on a grid shifted by a
+    random offset, and visits every window once in a random order; both are seeded by
+    (seed, epoch). The shift matters on small data: with one fixed grid a model memorizes the
+    same few thousand windows, while a new grid each epoch shows it new ones, as nanoGPT's
+    random offsets do. The cursor counts windows handed out, so a run can stop anywhere and
+    resume at the same window. Row i of a batch goes to data shard i // (batch_size / data):
+    each shard its own contiguous slice, never the same window.
     """
 
     def __init__(self, tokens, block_size, batch_size, seed, split='train'):
         self.tokens, self.T, self.B, self.seed = tokens, block_size, batch_size, seed
-        self.n = len(tokens) // (block_size + 1)  # windows per epoch
+        self.n = (len(tokens) - block_size) // (block_size + 1)  # windows per epoch, any offset
         if self.n < batch_size:
             raise DataError(f"the {split} split has {len(tokens):,} tokens, fewer than one batch of "
-                            f"{batch_size} x {block_size + 1}: use more data or a smaller "
-                            f"--batch_size or --block_size")
-        self.perm = (-1, None)  # (epoch, permutation) of the last epoch used
+                            f"{batch_size} x {block_size + 1} (and a shift): use more data or a "
+                            f"smaller --batch_size or --block_size")
+        self.epoch = (-1, None, 0)  # (epoch, permutation, offset) of the last epoch used
 
     def window_starts(self, cursor):
         idx = cursor + np.arange(self.B)
         starts = np.empty(self.B, np.int64)
         for epoch in np.unique(idx // self.n):  # at most two: a batch may straddle an epoch end
-            if self.perm[0] != epoch:
-                self.perm = (epoch, np.random.default_rng((self.seed, int(epoch))).permutation(self.n))
+            if self.epoch[0] != epoch:
+                rng = np.random.default_rng((self.seed, int(epoch)))
+                self.epoch = (epoch, rng.permutation(self.n), int(rng.integers(self.T + 1)))
             here = idx // self.n == epoch
-            starts[here] = self.perm[1][idx[here] % self.n] * (self.T + 1)
+            starts[here] = self.epoch[2] + self.epoch[1][idx[here] % self.n] * (self.T + 1)
         return starts
 
     def get(self, cursor):  # -> (B, T+1) int32, and the cursor after it

@@ -130,6 +130,24 @@ def test_accumulation_equals_one_big_batch():
     assert_close(grads4, grads1)
 
 
+def replica_groups(line):
+    """The device groups of an HLO collective, from either way XLA prints them:
+    {{0,2,4,6},{1,3,5,7}}, or as an iota, [2,4]<=[4,2]T(1,0)."""
+    m = re.search(r'replica_groups=(\{[\d,{}]*\})', line)
+    if m:
+        return sorted(tuple(map(int, g.split(','))) for g in re.findall(r'\{([\d,]+)\}', m.group(1)))
+    shape, dims, perm = re.search(r'replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?', line).groups()
+    ids = np.arange(math.prod(map(int, dims.split(',')))).reshape([int(d) for d in dims.split(',')])
+    ids = ids.transpose([int(p) for p in perm.split(',')]) if perm else ids
+    return sorted(tuple(g) for g in ids.reshape([int(s) for s in shape.split(',')]).tolist())
+
+
+def test_replica_groups_parser():
+    assert replica_groups('x, replica_groups={{0,2,4,6},{1,3,5,7}}, y') == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    assert replica_groups('x, replica_groups=[2,4]<=[4,2]T(1,0), y') == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    assert replica_groups('x, replica_groups=[4,2]<=[8], y') == [(0, 1), (2, 3), (4, 5), (6, 7)]
+
+
 def test_one_data_allreduce_per_step():
     """The compiled step with 4 micro-batches all-reduces gradients over 'data' once, outside
     the micro-batch loop; the 'model' axis all-reduces (the psums in model.py) are separate."""
@@ -138,17 +156,16 @@ def test_one_data_allreduce_per_step():
         graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
         f = shard.make_grads(graphdef, specs, mesh, tcfg(grad_accum=4))
         hlo = f.lower(params, tokens(0), jax.random.key(0)).compile().as_text()
-    ids = np.arange(8).reshape(4, 2)  # device positions on the mesh: 'data' runs down the columns
-    data_groups = '{' + ','.join('{' + ','.join(map(str, col)) + '}' for col in ids.T) + '}'
-    where, computation = [], None
+    data_groups = sorted(tuple(col) for col in np.arange(8).reshape(4, 2).T.tolist())  # mesh columns
+    where, computation, operands = [], None, 0
     for line in hlo.splitlines():
         if line.endswith('{') and not line.startswith(' '):
             computation = 'ENTRY' if line.startswith('ENTRY') else line.split()[0]
-        if re.search(r' all-reduce(-start)?\(', line) and f'replica_groups={data_groups}' in line:
+        if re.search(r' all-reduce(-start)?\(', line) and replica_groups(line) == data_groups:
             where.append(computation)
+            operands = line.split(' all-reduce')[0].count('f32[')  # the tuple it returns
     assert where == ['ENTRY'], where  # one, and not inside the scan's while loop
-    n_grads = len(jax.tree.leaves(params))
-    assert any(l.count('f32[') > n_grads for l in hlo.splitlines() if 'all-reduce(' in l and data_groups in l)
+    assert operands == 1 + len(jax.tree.leaves(params))  # the loss and every gradient, together
 
 
 # --- precision ----------------------------------------------------------------------------------
@@ -192,13 +209,17 @@ def test_tokenizer_round_trip(name):
 
 
 def test_batches_deterministic_disjoint_and_per_shard():
-    toks = np.arange(17 * 40, dtype=np.uint16)  # 40 windows of T+1 = 17, each starting at 17k
+    toks = np.arange(17 * 41, dtype=np.uint16)  # room for 40 windows of T+1 = 17 at any shift
     a, b = data.Batches(toks, 16, 8, seed=3), data.Batches(toks, 16, 8, seed=3)
-    starts = [a.window_starts(c) for c in range(0, 80, 8)]  # two epochs
+    assert a.n == 40
+    starts = [a.window_starts(c) for c in range(0, 160, 8)]  # four epochs
     np.testing.assert_array_equal(starts[3], b.window_starts(24))  # a pure function of the cursor
-    epoch1, epoch2 = np.concatenate(starts[:5]), np.concatenate(starts[5:])
-    assert sorted(epoch1) == sorted(epoch2) == list(range(0, 17 * 40, 17))  # each window once
-    assert not np.array_equal(epoch1, epoch2)  # in a new order each epoch
+    epochs = [np.concatenate(starts[i:i + 5]) for i in range(0, 20, 5)]
+    for e in epochs:  # every window of the epoch's grid once: 40 starts, 17 apart, one shift
+        assert len(set(e % 17)) == 1 and sorted(e - e[0] % 17) == list(range(0, 17 * 40, 17))
+        assert e.max() + 17 <= len(toks)
+    assert len({tuple(e) for e in epochs}) == 4  # a new order each epoch
+    assert len({e[0] % 17 for e in epochs}) > 1  # and a new grid
     batch, cursor = a.get(0)
     assert cursor == 8 and batch.shape == (8, 17)
     shards = batch.reshape(4, 2, 17)  # what a 4-way data axis hands each device

@@ -48,7 +48,7 @@ class Config:
     # optimization
     batch_size: int = 32  # sequences per step, over all devices and micro-batches
     grad_accum: int = 1  # micro-batches per step, scanned in sequence
-    max_iters: int = 1000
+    max_iters: int = 600
     learning_rate: float = 2e-3
     min_lr: float = 2e-4  # cosine decay ends here, at max_iters
     warmup_iters: int = 50
@@ -63,8 +63,8 @@ class Config:
     # logging, evaluation, checkpoints
     out_dir: str = 'out'
     log_interval: int = 50
-    eval_interval: int = 250
-    eval_iters: int = 20  # batches per validation estimate
+    eval_interval: int = 200
+    eval_iters: int = 10  # batches per validation estimate
     keep_checkpoints: int = 3
     resume: bool = False  # continue from the newest checkpoint in out_dir
     overwrite: bool = False  # start afresh in an out_dir that holds checkpoints, deleting them
@@ -76,7 +76,8 @@ PRESETS = {
     # nanoGPT's config/train_shakespeare_char.py; bytes of this ASCII text are its characters
     'shakespeare': dict(data='shakespeare', block_size=256, n_layer=6, n_head=6, n_embd=384,
                         dropout=0.2, bias=False, batch_size=64, max_iters=5000, learning_rate=1e-3,
-                        min_lr=1e-4, warmup_iters=100, beta2=0.99, log_interval=10, eval_iters=200),
+                        min_lr=1e-4, warmup_iters=100, beta2=0.99, log_interval=10, eval_interval=250,
+                        eval_iters=200),
     # GPT-2 124M and 350M, trained as nanoGPT's config/train_gpt2.py (~0.5M tokens a step)
     'gpt2': dict(tokenizer='gpt2', block_size=1024, n_layer=12, n_head=12, n_embd=768,
                  batch_size=480, grad_accum=40, max_iters=600000, learning_rate=6e-4, min_lr=6e-5,
@@ -256,7 +257,9 @@ def run(cfg):
         print(f"stopped by signal at step {step}; resume with: python train.py --resume "
               f"--out_dir={cfg.out_dir} (and the same flags)")
         return
-    print(f"trained {step - start_step} steps in {(time.time() - t_start) / 60:.1f} min")
+    peak = (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use')  # GPU/TPU only
+    print(f"trained {step - start_step} steps in {(time.time() - t_start) / 60:.1f} min"
+          + (f"; peak device memory {peak / 2**30:.2f} GiB" if peak else ''))
 
     if cfg.sample_tokens:
         tok = data.get_tokenizer(cfg.tokenizer)
