@@ -8,6 +8,7 @@ import os
 
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 
+import dataclasses
 import json
 import math
 import re
@@ -146,6 +147,12 @@ def test_replica_groups_parser():
     assert replica_groups('x, replica_groups={{0,2,4,6},{1,3,5,7}}, y') == [(0, 2, 4, 6), (1, 3, 5, 7)]
     assert replica_groups('x, replica_groups=[2,4]<=[4,2]T(1,0), y') == [(0, 2, 4, 6), (1, 3, 5, 7)]
     assert replica_groups('x, replica_groups=[4,2]<=[8], y') == [(0, 1), (2, 3), (4, 5), (6, 7)]
+
+
+def test_remat_gives_the_same_gradients(reference):
+    loss, grads, _ = grads_on('data=2,model=4', cfg=dataclasses.replace(CFG, remat=True))
+    assert abs(loss - reference[0]) <= 1e-5 * abs(reference[0])
+    assert_close(grads, reference[1])
 
 
 def test_one_data_allreduce_per_step():

@@ -45,6 +45,7 @@ class Config:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    remat: bool = False  # recompute activations in the backward pass, to fit bigger batches
     # optimization
     batch_size: int = 32  # sequences per step, over all devices and micro-batches
     grad_accum: int = 1  # micro-batches per step, scanned in sequence
@@ -79,11 +80,11 @@ PRESETS = {
                         min_lr=1e-4, warmup_iters=100, beta2=0.99, log_interval=10, eval_interval=250,
                         eval_iters=200),
     # GPT-2 124M and 350M, trained as nanoGPT's config/train_gpt2.py (~0.5M tokens a step)
-    'gpt2': dict(tokenizer='gpt2', block_size=1024, n_layer=12, n_head=12, n_embd=768,
+    'gpt2': dict(tokenizer='gpt2', block_size=1024, n_layer=12, n_head=12, n_embd=768, remat=True,
                  batch_size=480, grad_accum=40, max_iters=600000, learning_rate=6e-4, min_lr=6e-5,
                  warmup_iters=2000, eval_interval=1000, eval_iters=100, log_interval=10),
     'gpt2-medium': dict(tokenizer='gpt2', block_size=1024, n_layer=24, n_head=16, n_embd=1024,
-                        batch_size=480, grad_accum=40, max_iters=600000, learning_rate=3e-4,
+                        remat=True, batch_size=480, grad_accum=40, max_iters=600000, learning_rate=3e-4,
                         min_lr=3e-5, warmup_iters=2000, eval_interval=1000, eval_iters=100,
                         log_interval=10),
 }
