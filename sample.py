@@ -5,7 +5,8 @@
     python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=200 --seed=1
 
 The model, tokenizer and dtype come from the checkpoint's saved config; the weights are loaded
-onto a mesh of all devices (split over 'model' as in training), through the same shard_map code.
+onto a mesh of all devices (--mesh as in training, e.g. model=2 to split a big model), and run
+through the same shard_map code as training.
 
 Needs: model.py (GPTConfig), shard.py (mesh, params, checkpoint loading), data.py (tokenizers).
 """
@@ -13,6 +14,7 @@ import glob
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -68,15 +70,18 @@ def main(argv):
     ckpts = sorted(glob.glob(os.path.join(cfg.out_dir, 'ckpt_*.npz')))
     if not ckpts:
         sys.exit(f"sample.py: no checkpoint in {cfg.out_dir}/: run python train.py first, or pass --out_dir")
-    arrays, meta = shard.read(ckpts[-1])
-    tc = meta['config']
-    model_cfg = GPTConfig(**meta['model'])
-    tok = data.get_tokenizer(tc['tokenizer'])
-    mesh = shard.make_mesh(cfg.mesh)
+    try:
+        arrays, meta = shard.read(ckpts[-1])
+        model_cfg, tc = GPTConfig(**meta['model']), meta['config']
+        tok = data.get_tokenizer(tc['tokenizer'])
+        start = Path(cfg.start[5:]).read_text() if cfg.start.startswith('FILE:') else cfg.start
+        mesh = shard.make_mesh(cfg.mesh)
+        shard.check_divisible(model_cfg, mesh)
+    except (ValueError, OSError) as e:  # one line, as train.py
+        sys.exit(f"sample.py: {e}")
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, train.storage_dtype(tc))
         params = shard.place(arrays, {'params': params})['params']
-        start = open(cfg.start[5:]).read() if cfg.start.startswith('FILE:') else cfg.start
         prompt = tok.encode(start).tolist() or [tok.eot]
         logits_fn = shard.make_logits(graphdef, specs, mesh, tc['dtype'])
         out = generate(logits_fn, params, prompt, cfg.max_new_tokens, model_cfg.block_size,

@@ -20,6 +20,7 @@ Needs: model.py (GPT).
 """
 import json
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,9 @@ def make_optimizer(cfg, params):
         lambda path, _: not any(w in str(k) for k in path for w in no_decay), params)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay))
+        # Adam's moments in the params' dtype: float32 gradients would otherwise promote them
+        optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay,
+                    mu_dtype=jax.tree.leaves(params)[0].dtype))
     return tx, lr
 
 
@@ -146,7 +149,7 @@ def make_train_step(graphdef, specs, mesh, tx, cfg):
     grads_fn = make_grads(graphdef, specs, mesh, cfg)
     compute = jnp.dtype(cfg.dtype)
 
-    @jax.jit
+    @partial(jax.jit, donate_argnums=(0, 1))  # the old params and state are not kept: half the memory
     def step(params, opt_state, batch, key):
         # params may be float32 master weights; the model computes with `compute` (bf16) copies
         loss, grads = grads_fn(jax.tree.map(lambda p: p.astype(compute), params), batch, key)

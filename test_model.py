@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -64,6 +65,7 @@ def grads_on(spec, cfg=CFG, dtype=jnp.float32, batch=None, apply=None, **kw):
 
 
 def assert_close(a, b, rel=1e-5):
+    assert len(jax.tree.leaves(a)) == len(jax.tree.leaves(b))
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
         err = np.max(np.abs(np.asarray(x, np.float64) - y)) / (np.max(np.abs(y)) + 1e-30)
         assert err <= rel, f"{jax.tree_util.keystr(path)}: relative error {err:.2e} > {rel}"
@@ -131,6 +133,19 @@ def test_accumulation_equals_one_big_batch():
     assert_close(grads4, grads1)
 
 
+def test_weight_decay_only_on_matrices():
+    mesh = mesh_of('data=1,model=1')
+    with jax.set_mesh(mesh):
+        _, params, _ = shard.init_params(CFG, mesh, 0, jnp.float32)
+        tx, _ = shard.make_optimizer(tcfg(learning_rate=1.0, weight_decay=0.5), params)
+        zero = jax.tree.map(jnp.zeros_like, params)  # no gradient: what moves is weight decay
+        updates, _ = tx.update(zero, tx.init(params), params)
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        name = jax.tree_util.keystr(path)
+        decays = bool(np.abs(np.asarray(u)).max() > 0)
+        assert decays == (not ('bias' in name or 'scale' in name)), name
+
+
 def replica_groups(line):
     """The device groups of an HLO collective, from either way XLA prints them:
     {{0,2,4,6},{1,3,5,7}}, or as an iota, [2,4]<=[4,2]T(1,0)."""
@@ -150,7 +165,13 @@ def test_replica_groups_parser():
 
 
 def test_remat_gives_the_same_gradients(reference):
-    loss, grads, _ = grads_on('data=2,model=4', cfg=dataclasses.replace(CFG, remat=True))
+    remat = dataclasses.replace(CFG, remat=True)
+    mesh = mesh_of('data=1,model=1')
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(remat, mesh, 0, jnp.float32)
+        f = shard.make_grads(graphdef, specs, mesh, tcfg())
+        assert 'remat' in str(jax.make_jaxpr(f)(params, tokens(0), jax.random.key(0)))  # it is on
+    loss, grads, _ = grads_on('data=2,model=4', cfg=remat)
     assert abs(loss - reference[0]) <= 1e-5 * abs(reference[0])
     assert_close(grads, reference[1])
 
@@ -190,6 +211,8 @@ def train_losses(dtype, master, steps=40):
         for i in range(steps):
             params, opt, loss = step(params, opt, ids[(i % 8) * 16:][:16], jax.random.key(i))
             losses.append(float(loss))
+    stored = jnp.dtype('float32' if master else dtype)  # params and Adam's moments stay in it
+    assert {x.dtype for x in jax.tree.leaves((params, opt[1][0].mu, opt[1][0].nu))} == {stored}
     return np.array(losses)
 
 
@@ -197,6 +220,7 @@ def test_bf16_trains_close_to_float32():
     f32, bf16, bf16_only = (train_losses('float32', True), train_losses('bfloat16', True),
                             train_losses('bfloat16', False))
     assert f32[-5:].mean() < 0.8 * f32[:5].mean()  # float32 learns (5.5 -> about 3.4)
+    assert not np.array_equal(bf16, f32) and not np.array_equal(bf16_only, bf16)  # dtypes were used
     # stated tolerance: the mean of the last 5 losses within 5% of float32's
     assert abs(bf16[-5:].mean() - f32[-5:].mean()) < 0.05 * f32[-5:].mean(), (bf16[-5:], f32[-5:])
     assert abs(bf16_only[-5:].mean() - f32[-5:].mean()) < 0.05 * f32[-5:].mean(), (bf16_only[-5:], f32[-5:])
@@ -240,8 +264,13 @@ def test_dataset_split_and_cache(tmp_path):
     for i in range(30):
         (folder / f'doc{i}.txt').write_text(f'document {i} ' * 50)
     train_a, val_a = data.load_tokens(str(folder), 'byte', tmp_path / 'cache')
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / 'cache').rglob('*.bin')}
     train_b, val_b = data.load_tokens(str(folder), 'byte', tmp_path / 'cache')  # from the cache
+    assert cached == {p: p.stat().st_mtime_ns for p in (tmp_path / 'cache').rglob('*.bin')}
     np.testing.assert_array_equal(train_a, train_b)
+    (folder / 'doc3.txt').write_text('edited')  # a changed file makes a new cache
+    data.load_tokens(str(folder), 'byte', tmp_path / 'cache')
+    assert len(list((tmp_path / 'cache').iterdir())) == 2
     texts = [data.ByteTokenizer().decode(t).split('<|endoftext|>')[:-1] for t in (train_a, val_a)]
     assert len(texts[0]) + len(texts[1]) == 30 and len(texts[1]) >= 1  # whole documents each side
     assert not set(texts[0]) & set(texts[1])
@@ -310,14 +339,14 @@ def test_train_then_sample(corpus, tmp_path):
 
 def test_resume_after_sigkill_is_exact(corpus, tmp_path):
     """Kill -9 at a random step, resume, and every step's loss equals an uninterrupted run's,
-    bit for bit (dropout on, so the saved PRNG key matters, as the data cursor does)."""
+    bit for bit (dropout on, so the step's PRNG keys must line up, as must the data cursor)."""
     flags = ['--max_iters=60', '--eval_interval=10', '--dropout=0.1']
     assert cli('train.py', corpus, f'--out_dir={tmp_path / "a"}', *flags).returncode == 0
     p = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', *flags, wait=False)
     kill_at = np.random.default_rng().integers(12, 50)
     metrics = tmp_path / 'b' / 'metrics.jsonl'
     while p.poll() is None and max(losses(tmp_path / 'b') if metrics.exists() else {}, default=0) < kill_at:
-        pass
+        time.sleep(0.02)
     p.kill()
     assert p.wait() == -9, "the run ended before it could be killed"
     r = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', *flags, '--resume')
@@ -349,11 +378,25 @@ def test_half_written_checkpoint_leaves_the_previous_one(corpus, tmp_path):
     assert r.returncode == 0 and 'ckpt_0000008.npz at step 8' in r.stdout, r.stderr
 
 
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that dies half way (here: the writer raises) leaves the old checkpoint whole."""
+    path = tmp_path / 'ckpt.npz'
+    shard.save(path, {'w': jnp.ones(3)}, {'step': 1})
+    def dies_half_way(f, **arrays):
+        f.write(b'PK\x03\x04 half a zip')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, 'savez', dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        shard.save(path, {'w': jnp.zeros(3)}, {'step': 2})
+    arrays, meta = shard.read(path)
+    assert meta == {'step': 1} and arrays["['w']"].tolist() == [1, 1, 1]
+
+
 def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
     p = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=100000',
             wait=False)
     while p.poll() is None and not ((tmp_path / 'metrics.jsonl').exists() and losses(tmp_path)):
-        pass
+        time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err

@@ -14,7 +14,6 @@ Needs: model.py, data.py, shard.py, sample.py.
 import dataclasses
 import glob
 import json
-import math
 import os
 import signal
 import sys
@@ -23,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import data
@@ -79,7 +77,8 @@ PRESETS = {
                         dropout=0.2, bias=False, batch_size=64, max_iters=5000, learning_rate=1e-3,
                         min_lr=1e-4, warmup_iters=100, beta2=0.99, log_interval=10, eval_interval=250,
                         eval_iters=200),
-    # GPT-2 124M and 350M, trained as nanoGPT's config/train_gpt2.py (~0.5M tokens a step)
+    # GPT-2 124M and 350M, trained as nanoGPT's config/train_gpt2.py (~0.5M tokens a step).
+    # grad_accum is per device: 40 micro-batches of 12 on one GPU; on 8 pass --grad_accum=5
     'gpt2': dict(tokenizer='gpt2', block_size=1024, n_layer=12, n_head=12, n_embd=768, remat=True,
                  batch_size=480, grad_accum=40, max_iters=600000, learning_rate=6e-4, min_lr=6e-5,
                  warmup_iters=2000, eval_interval=1000, eval_iters=100, log_interval=10),
@@ -141,12 +140,18 @@ def run(cfg):
     vocab_size = data.get_tokenizer(cfg.tokenizer).vocab_size
     model_cfg = GPTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
                              if f.name != 'vocab_size'}, vocab_size=vocab_size)
+    for name in ('batch_size', 'grad_accum', 'block_size', 'n_layer', 'n_head', 'n_embd',
+                 'log_interval', 'eval_interval', 'eval_iters', 'keep_checkpoints'):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout={cfg.dropout} must be in [0, 1)")
     mesh = shard.make_mesh(cfg.mesh)
     shard.check_divisible(model_cfg, mesh)
     per_step = mesh.shape['data'] * cfg.grad_accum
     if cfg.batch_size % per_step:
         raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by data axis x grad_accum "
-                         f"= {per_step}: use a multiple of {per_step}")
+                         f"= {per_step}: use a multiple of {per_step}, or a smaller --grad_accum")
     ckpts = sorted(glob.glob(os.path.join(cfg.out_dir, 'ckpt_*.npz')))
     if cfg.resume and not ckpts:
         raise ValueError(f"--resume: no checkpoint in {cfg.out_dir}/: drop --resume to start a new run")
@@ -190,7 +195,7 @@ def run(cfg):
         key = jax.random.wrap_key_data(np.array(meta['key'], np.uint32))
         print(f"resumed from {ckpts[-1]} at step {step}")
     elif ckpts:  # --overwrite
-        for f in ckpts + glob.glob(os.path.join(cfg.out_dir, 'metrics.jsonl')):
+        for f in ckpts:
             os.remove(f)
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -202,9 +207,10 @@ def run(cfg):
     print(f"data: {len(train_tokens):,} train and {len(val_tokens):,} val tokens; "
           f"{cfg.batch_size * cfg.block_size:,} tokens per step")
 
-    def evaluate():
-        losses = [eval_loss(params, val_batches.get(i * cfg.batch_size)[0]) for i in range(cfg.eval_iters)]
-        return float(np.mean(jax.device_get(losses)))
+    def evaluate():  # mean loss over eval_iters fixed batches, in chunks the size of a micro-batch
+        chunks = [c for i in range(cfg.eval_iters)
+                  for c in np.split(val_batches.get(i * cfg.batch_size)[0], cfg.grad_accum)]
+        return float(np.mean(jax.device_get([eval_loss(params, c) for c in chunks])))
 
     def save_checkpoint():
         meta = dict(step=step, cursor=cursor, key=jax.random.key_data(key).tolist(), config=vars(cfg),
@@ -221,7 +227,7 @@ def run(cfg):
         signal.signal(sig, lambda *_: stop.append(True))
 
     # --- the loop -----------------------------------------------------------------------------
-    metrics = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a')
+    metrics = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a' if cfg.resume else 'w')
     log = lambda **kw: print(json.dumps(kw), file=metrics, flush=True)
     pending, t0, t_start, start_step = [], time.time(), time.time(), step
     while step < cfg.max_iters and not stop:
