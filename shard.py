@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from model import GPT
 
@@ -72,10 +72,6 @@ def check_divisible(cfg, mesh):
     if cfg.n_head % m:
         raise ValueError(f"n_head={cfg.n_head} is not divisible by the model axis ({m}): "
                          "choose a --mesh model size that divides n_head")
-
-
-def shardings(mesh, specs):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 
 def per_device_bytes(tree):
@@ -149,7 +145,7 @@ def make_train_step(graphdef, specs, mesh, tx, cfg):
     grads_fn = make_grads(graphdef, specs, mesh, cfg)
     compute = jnp.dtype(cfg.dtype)
 
-    @partial(jax.jit, donate_argnums=(0, 1))  # the old params and state are not kept: half the memory
+    @partial(jax.jit, donate_argnums=(0, 1))  # the new params and state reuse the old buffers
     def step(params, opt_state, batch, key):
         # params may be float32 master weights; the model computes with `compute` (bf16) copies
         loss, grads = grads_fn(jax.tree.map(lambda p: p.astype(compute), params), batch, key)

@@ -434,7 +434,7 @@ BAD = {  # flags -> what the one-line message must say
     'batch not divisible': (['--out_dir={fresh}', '--batch_size=6', '--grad_accum=4'], 'not divisible by data axis x grad_accum'),
     'heads not divisible': (['--out_dir={fresh}', '--mesh=model=2', '--n_head=3', '--n_embd=48'], 'not divisible by the model axis'),
     'unknown flag': (['--learning_rat=1e-3'], "unknown flag '--learning_rat=1e-3'"),
-    'wrong type': (['--batch_size=lots'], "--batch_size='lots' is not a int"),
+    'wrong type': (['--batch_size=lots'], "--batch_size='lots' is not a valid int"),
     'unknown preset': (['--preset=gpt5'], "unknown preset 'gpt5'"),
     'unknown tokenizer': (['--out_dir={fresh}', '--tokenizer=sentencepiece'], "--tokenizer='sentencepiece' is unknown"),
     'resume without checkpoint': (['--out_dir={fresh}', '--resume'], 'no checkpoint in'),

@@ -91,9 +91,9 @@ PRESETS = {
 
 def parse_flags(argv, cfg, presets):
     """--name=value for every field of the dataclass `cfg`; --flag alone means --flag=True."""
-    names = {f.name: f for f in dataclasses.fields(cfg)}
+    names, prog = {f.name: f for f in dataclasses.fields(cfg)}, os.path.basename(sys.argv[0])
     if '-h' in argv or '--help' in argv:
-        print(f"usage: python {sys.argv[0]} [--name=value ...]\n")
+        print(f"usage: python {prog} [--name=value ...]\n")
         for f in names.values():
             print(f"  --{f.name}={getattr(cfg, f.name)!r}  ({f.type.__name__})")
         if presets:
@@ -103,12 +103,12 @@ def parse_flags(argv, cfg, presets):
     for arg in argv:
         name, eq, value = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or name not in names:
-            sys.exit(f"{sys.argv[0]}: unknown flag {arg!r}: see --help for the flags")
+            sys.exit(f"{prog}: unknown flag {arg!r}: see --help for the flags")
         pairs.append((name, value if eq else 'True'))
     preset = dict(pairs).get('preset')
     if preset is not None:
         if preset not in presets:
-            sys.exit(f"{sys.argv[0]}: unknown preset {preset!r}: choose one of {', '.join(presets)}")
+            sys.exit(f"{prog}: unknown preset {preset!r}: choose one of {', '.join(presets)}")
         pairs = list(presets[preset].items()) + pairs
     for name, value in pairs:
         kind = names[name].type
@@ -119,7 +119,7 @@ def parse_flags(argv, cfg, presets):
                 value = str(value).lower() in ('true', '1')
             setattr(cfg, name, kind(value))
         except ValueError:
-            sys.exit(f"{sys.argv[0]}: --{name}={value!r} is not a {kind.__name__}")
+            sys.exit(f"{prog}: --{name}={value!r} is not a valid {kind.__name__}")
     return cfg
 
 
@@ -158,6 +158,7 @@ def run(cfg):
     if ckpts and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue, "
                          "another --out_dir, or --overwrite to delete them")
+
     # --- data: tokens on disk, batches as a pure function of (seed, cursor) ------------------
     train_tokens, val_tokens = data.load_tokens(cfg.data, cfg.tokenizer, cfg.cache_dir)
     if max(t[:10**6].max(initial=0) for t in (train_tokens, val_tokens)) >= vocab_size:  # a glance
@@ -171,7 +172,6 @@ def run(cfg):
     except OSError as e:
         raise ValueError(f"--out_dir={cfg.out_dir} cannot be written ({e.strerror}): choose another folder")
 
-
     # --- the model, sharded, and the optimizer ------------------------------------------------
     jax.set_mesh(mesh)
     graphdef, params, specs = shard.init_params(model_cfg, mesh, cfg.seed, storage_dtype(vars(cfg)))
@@ -184,8 +184,8 @@ def run(cfg):
     if cfg.resume:
         arrays, meta = shard.read(ckpts[-1])
         saved = {**meta['model'], 'tokenizer': meta['config']['tokenizer']}
-        wrong = [k for k, v in saved.items() if k in ('n_layer', 'n_head', 'n_embd', 'block_size',
-                                                      'bias', 'tokenizer') and getattr(cfg, k) != v]
+        wrong = [k for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'tokenizer')
+                 if getattr(cfg, k) != saved[k]]
         if wrong:
             raise ValueError(f"{ckpts[-1]} was trained with " + ', '.join(f"--{k}={saved[k]}" for k in wrong)
                              + ": pass the same flags (or its --preset) to resume it")
