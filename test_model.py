@@ -9,6 +9,7 @@ import os
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -280,6 +281,21 @@ def test_dataset_split_and_cache(tmp_path):
     assert (len(train_c), len(val_c)) == (901, 101)  # 90% / 10% of the text, plus <|endoftext|>
 
 
+def test_named_download_checks_its_hash(tmp_path, monkeypatch):
+    """--data=shakespeare downloads once, keeps the file only if its sha256 matches, then reuses it."""
+    served = tmp_path / 'served.txt'
+    served.write_text('To be, or not to be' * 100)
+    monkeypatch.setattr(data, 'SHAKESPEARE_URL', served.as_uri())  # a local file stands in for the web
+    with pytest.raises(data.DataError, match='sha256'):
+        data.source_files('shakespeare', tmp_path / 'cache')
+    assert not (tmp_path / 'cache' / 'shakespeare.txt').exists()  # nothing kept
+    monkeypatch.setattr(data, 'SHAKESPEARE_SHA256', hashlib.sha256(served.read_bytes()).hexdigest())
+    _, files = data.source_files('shakespeare', tmp_path / 'cache')
+    served.unlink()  # the second call must not need the network
+    assert data.source_files('shakespeare', tmp_path / 'cache')[1] == files
+    assert files[0].read_text() == 'To be, or not to be' * 100
+
+
 def test_sample_greedy_matches_argmax():
     """Top-1 sampling picks the argmax of the model's full, unpadded forward pass at every step."""
     mesh = mesh_of('data=1,model=1')
@@ -392,12 +408,13 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert meta == {'step': 1} and arrays["['w']"].tolist() == [1, 1, 1]
 
 
-def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])  # pre-emption, and Ctrl-C
+def test_signal_saves_and_exits_cleanly(sig, corpus, tmp_path):
     p = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=100000',
             wait=False)
     while p.poll() is None and not ((tmp_path / 'metrics.jsonl').exists() and losses(tmp_path)):
         time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     step = int(re.search(r'stopped by signal at step (\d+)', out).group(1))
