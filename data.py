@@ -116,16 +116,17 @@ def download(url, path, sha256):
                         f"or save the file yourself and pass --data=path/to/file") from None
     if hashlib.sha256(raw).hexdigest() != sha256:
         raise DataError(f"{url} gave a file whose sha256 is not {sha256}: nothing was saved; try again later")
-    atomic_write(path, raw)
+    atomic_write(path, lambda f: f.write(raw))
 
 
-def atomic_write(path, raw):
-    """Write to a temporary name, flush to disk, then rename: readers never see half a file."""
+def atomic_write(path, write):
+    """Call write(f) on a temporary file, flush it to disk, then rename it to path: a kill at any
+    moment leaves the old file or the new one, never half of one. shard.py saves checkpoints so."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + '.tmp')
     with open(tmp, 'wb') as f:
-        f.write(raw)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -167,7 +168,7 @@ def load_tokens(data, tokenizer, cache_dir):
         for split, docs in zip(('train', 'val'), split_documents(root, files)):
             # documents are joined with <|endoftext|>, as GPT-2 was trained
             ids = np.concatenate([np.append(tok.encode(d), np.uint16(tok.eot)) for d in docs])
-            atomic_write(folder / f'{split}.bin', ids.tobytes())  # val last: its presence marks done
+            atomic_write(folder / f'{split}.bin', ids.tofile)  # val last: its presence marks done
         print(f"tokenized {len(files)} files of {data} into {folder}")
     return [np.memmap(folder / f'{s}.bin', np.uint16, 'r') for s in ('train', 'val')]
 

@@ -16,10 +16,9 @@ The step is one `jax.shard_map`: inside it, code sees its device's local arrays 
 collective is written out (or, where JAX inserts it, named in a comment). One device is a 1x1
 mesh running the same code.
 
-Needs: model.py (GPT).
+Needs: model.py (GPT), data.py (atomic_write, for checkpoints).
 """
 import json
-import os
 from functools import partial
 
 import jax
@@ -29,6 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from data import atomic_write
 from model import GPT
 
 
@@ -60,9 +60,13 @@ def init_params(cfg, mesh, seed, dtype):
     @jax.jit
     def init():  # each device computes and keeps only its own shards
         params = nnx.state(GPT(cfg, nnx.Rngs(seed)))
-        return jax.sharding.reshard(jax.tree.map(lambda p: p.astype(dtype), params), specs)
+        return jax.sharding.reshard(cast(params, dtype), specs)
 
     return graphdef, init(), specs
+
+
+def cast(params, dtype):
+    return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
 def check_divisible(cfg, mesh):
@@ -120,7 +124,7 @@ def make_grads(graphdef, specs, mesh, cfg):
             k = jax.random.fold_in(key, i) if cfg.dropout > 0 else None
             loss, grads = jax.value_and_grad(loss_fn)(params, x, y, k)
             # bf16 gradients are summed in float32, so small micro-batch terms are not lost
-            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            grads = cast(grads, jnp.float32)
             return jax.tree.map(jnp.add, acc, (loss, grads)), None
 
         # the carry must vary over the same mesh axes as what is added to it: zeros_like keeps
@@ -143,12 +147,11 @@ def make_grads(graphdef, specs, mesh, cfg):
 def make_train_step(graphdef, specs, mesh, tx, cfg):
     """Returns step(params, opt_state, batch, key) -> (params, opt_state, loss)."""
     grads_fn = make_grads(graphdef, specs, mesh, cfg)
-    compute = jnp.dtype(cfg.dtype)
 
     @partial(jax.jit, donate_argnums=(0, 1))  # the new params and state reuse the old buffers
     def step(params, opt_state, batch, key):
-        # params may be float32 master weights; the model computes with `compute` (bf16) copies
-        loss, grads = grads_fn(jax.tree.map(lambda p: p.astype(compute), params), batch, key)
+        # params may be float32 master weights; the model computes with cfg.dtype (bf16) copies
+        loss, grads = grads_fn(cast(params, cfg.dtype), batch, key)
         # The optimizer runs on the global (sharded) arrays outside shard_map: every op is
         # elementwise except the global norm, which XLA reduces across shards by itself.
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -159,45 +162,35 @@ def make_train_step(graphdef, specs, mesh, tx, cfg):
 
 def make_loss(graphdef, specs, mesh, dtype):
     """Returns loss(params, batch) -> mean loss over the batch, for evaluation (no dropout)."""
-    compute = jnp.dtype(dtype)
 
     def local_loss(params, batch):
         loss = nnx.merge(graphdef, params).loss(batch[:, :-1], batch[:, 1:])
         return jax.lax.pmean(loss, 'data')  # each shard saw B/data sequences; average them
 
     f = jax.shard_map(local_loss, mesh=mesh, in_specs=(specs, P('data')), out_specs=P())
-    return jax.jit(lambda params, batch: f(jax.tree.map(lambda p: p.astype(compute), params),
-                                           jax.sharding.reshard(batch, P('data'))))
+    return jax.jit(lambda params, batch: f(cast(params, dtype), jax.sharding.reshard(batch, P('data'))))
 
 
 def make_logits(graphdef, specs, mesh, dtype):
     """Returns logits(params, idx (B, T)) -> (B, T, padded_vocab) float32, for sampling.
 
     The batch is small and replicated; the weights stay split over 'model'."""
-    compute = jnp.dtype(dtype)
     f = jax.shard_map(lambda p, idx: nnx.merge(graphdef, p)(idx), mesh=mesh,
                       in_specs=(specs, P()), out_specs=P())
-    return jax.jit(lambda params, idx: f(jax.tree.map(lambda p: p.astype(compute), params), idx))
+    return jax.jit(lambda params, idx: f(cast(params, dtype), idx))
 
 
 # --- checkpoints: gathered from all devices into one .npz, placed back onto any mesh -----------
 
 def save(path, tree, meta):
-    """Atomically write a pytree of (sharded) arrays and a JSON-able dict to one .npz file.
-
-    Written to a temporary name, flushed to disk, then renamed: a kill at any moment leaves
-    either the old file or the new one, never half of one. No pickle anywhere."""
+    """Write a pytree of (sharded) arrays and a JSON-able dict to one .npz file, atomically.
+    No pickle anywhere: bf16 is stored as its uint16 bits, the dict as UTF-8 JSON bytes."""
     arrays = {}
     for path_, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         a = np.asarray(jax.device_get(x))  # gathers the shards of every device
         arrays[jax.tree_util.keystr(path_)] = a.view(np.uint16) if a.dtype == jnp.bfloat16 else a
     arrays['__meta__'] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def read(path):

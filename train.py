@@ -137,7 +137,8 @@ def main(argv):
 
 def run(cfg):
     # --- checks that must pass before anything is read or written -----------------------------
-    vocab_size = data.get_tokenizer(cfg.tokenizer).vocab_size
+    tok = data.get_tokenizer(cfg.tokenizer)
+    vocab_size = tok.vocab_size
     model_cfg = GPTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
                              if f.name != 'vocab_size'}, vocab_size=vocab_size)
     for name in ('batch_size', 'grad_accum', 'block_size', 'n_layer', 'n_head', 'n_embd',
@@ -269,7 +270,6 @@ def run(cfg):
           + (f"; peak device memory {peak / 2**30:.2f} GiB" if peak else ''))
 
     if cfg.sample_tokens:
-        tok = data.get_tokenizer(cfg.tokenizer)
         logits_fn = shard.make_logits(graphdef, specs, mesh, cfg.dtype)
         ids = sample.generate(logits_fn, params, [tok.eot], cfg.sample_tokens, cfg.block_size,
                               vocab_size, temperature=0.8, top_k=200, key=key)
