@@ -13,10 +13,12 @@ Batches are a pure function of (seed, cursor), so a checkpoint only has to save 
 Needs: nothing from the other files.
 """
 import base64
+import dataclasses
 import glob
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 import urllib.request
 import zlib
@@ -27,6 +29,42 @@ import numpy as np
 
 class DataError(ValueError):
     """A problem with the user's data, reported as one line."""
+
+
+# --- flags: the command line is input too --------------------------------------------------
+
+def parse_flags(argv, cfg, presets):
+    """--name=value for every field of the dataclass `cfg`; --flag alone means --flag=True."""
+    names, prog = {f.name: f for f in dataclasses.fields(cfg)}, os.path.basename(sys.argv[0])
+    if '-h' in argv or '--help' in argv:
+        print(f"usage: python {prog} [--name=value ...]\n")
+        for f in names.values():
+            print(f"  --{f.name}={getattr(cfg, f.name)!r}  ({f.type.__name__})")
+        if presets:
+            print(f"\npresets (--preset=NAME, then your flags on top): {', '.join(presets)}")
+        sys.exit(0)
+    pairs = []
+    for arg in argv:
+        name, eq, value = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or name not in names:
+            sys.exit(f"{prog}: unknown flag {arg!r}: see --help for the flags")
+        pairs.append((name, value if eq else 'True'))
+    preset = dict(pairs).get('preset')
+    if preset is not None:
+        if preset not in presets:
+            sys.exit(f"{prog}: unknown preset {preset!r}: choose one of {', '.join(presets)}")
+        pairs = list(presets[preset].items()) + pairs
+    for name, value in pairs:
+        kind = names[name].type
+        try:
+            if kind is bool:
+                if str(value).lower() not in ('true', 'false', '1', '0'):
+                    raise ValueError
+                value = str(value).lower() in ('true', '1')
+            setattr(cfg, name, kind(value))
+        except ValueError:
+            sys.exit(f"{prog}: --{name}={value!r} is not a valid {kind.__name__}")
+    return cfg
 
 
 # --- tokenizers --------------------------------------------------------------------------------
@@ -98,10 +136,10 @@ def source_files(data, cache_dir):
     path = Path(data)
     if path.is_file():
         return path.parent, [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob('*') if p.is_file() and not p.name.startswith('.'))
-        return path, files
-    files = sorted(Path(p) for p in glob.glob(data, recursive=True) if Path(p).is_file())
+    if path.is_dir():  # every file, but those under a hidden name (.git/, .venv/ ...)
+        return path, sorted(p for p in path.rglob('*') if p.is_file()
+                            and not any(part.startswith('.') for part in p.relative_to(path).parts))
+    files = sorted(Path(p) for p in glob.glob(data, recursive=True) if Path(p).is_file()) if data else []
     if not files:
         raise DataError(f"--data={data!r}: no such file, folder or glob match: check the path")
     return Path(os.path.commonpath([p.parent for p in files])), files
@@ -135,7 +173,15 @@ def atomic_write(path, write):
 def split_documents(root, files):
     """(train, val) lists of texts. Many files: about 1 in 10 goes to val, chosen by a hash of its
     name so the choice never changes. One file: its last 10% (by characters) is val, as nanoGPT."""
-    texts = [(str(p.relative_to(root)), p.read_text('utf-8', errors='replace')) for p in files]
+    texts, skipped = [], []
+    for p in files:
+        raw = p.read_bytes()
+        try:  # text is valid UTF-8 without NUL bytes; anything else (.pyc, .npz, images) is skipped
+            texts.append((str(p.relative_to(root)), raw.decode('utf-8'))) if b'\0' not in raw else skipped.append(p)
+        except UnicodeDecodeError:
+            skipped.append(p)
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(files)} files that are not UTF-8 text, e.g. {skipped[0]}")
     texts = [(name, t) for name, t in texts if t]
     if not texts:
         raise DataError("the dataset is empty: point --data at files that hold text")
@@ -159,10 +205,12 @@ def load_tokens(data, tokenizer, cache_dir):
     if (path / 'train.bin').is_file() and (path / 'val.bin').is_file():  # nanoGPT's prepare.py output
         return [np.memmap(path / f'{s}.bin', np.uint16, 'r') for s in ('train', 'val')]
     root, files = source_files(data, cache_dir)
-    # the cache is keyed by the tokenizer and by every file's name, size and time, so editing
-    # the data makes a new cache instead of silently reusing a stale one
-    stamp = json.dumps([tokenizer] + [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-    folder = Path(cache_dir) / f"{path.name or 'data'}-{tokenizer}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
+    # the cache is keyed by the tokenizer and a hash of every file's name and contents (reading
+    # them costs far less than tokenizing), so any edit makes a new cache, whatever its mtime
+    digest = hashlib.sha256(tokenizer.encode())
+    for p in files:
+        digest.update(str(p.relative_to(root)).encode() + b'\0' + hashlib.sha256(p.read_bytes()).digest())
+    folder = Path(cache_dir) / f"{path.name or 'data'}-{tokenizer}-{digest.hexdigest()[:12]}"
     if not (folder / 'val.bin').exists():
         tok = get_tokenizer(tokenizer)
         for split, docs in zip(('train', 'val'), split_documents(root, files)):

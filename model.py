@@ -9,18 +9,24 @@ Each weight records its tensor-parallel layout as `out_sharding` metadata: a nam
 'model' where the axis is split over the model axis, None where it is whole. shard.py derives
 every partition spec from that, so the layout of a weight is written once, next to its init.
 
+Sections: the config; mixed-precision matmuls; attention (plain, blockwise "flash", cuDNN);
+the layers; the GPT.
+
 Needs: nothing from the other files.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 # Params only *record* their layout; shard.py places them (jit with out_shardings), so the model
 # can be built anywhere, with or without a mesh.
 nnx.use_eager_sharding(False)
+f32 = jnp.float32
 
 
 @dataclass(frozen=True)
@@ -32,19 +38,56 @@ class GPTConfig:
     n_embd: int = 768  # C
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
-    remat: bool = False  # recompute each block in the backward pass: ~1/3 more compute, far less memory
+    # how to compute, not what: none of these changes the function the model computes
+    attention: str = 'xla'  # xla: plain softmax | blockwise: flash attention in JAX | cudnn
+    remat: str = 'none'  # recompute in the backward pass: none | block | dots (keep matmul outputs)
+    unroll: bool = False  # compile every layer (faster on CPU) instead of one block run in a loop
 
     @property
     def padded_vocab(self):  # 50257 -> 50304: matmuls with a dimension that tiles evenly run faster
         return -(-self.vocab_size // 128) * 128
 
 
-def normal(rngs, shape, std, sharding):
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape), out_sharding=sharding)
+# --- mixed precision: bf16 in, float32 accumulation, bf16 out --------------------------------
+
+def matmul(spec, x, w, out=None):
+    """jnp.einsum(spec, x, w), accumulated in float32, returned as `out` (x's dtype by default).
+    Named, so that a remat policy can keep matmul outputs and recompute the rest."""
+    return checkpoint_name(_matmul(spec, x, w, out), 'matmul')
 
 
-def zeros(shape, sharding, use=True):
-    return nnx.Param(jnp.zeros(shape), out_sharding=sharding) if use else None
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _matmul(spec, x, w, out):
+    # The backward is written out so that its two matmuls also take bf16 inputs and accumulate
+    # in float32. Left to autodiff, they would get the float32 gradient of the float32
+    # accumulator, and XLA:CPU (jax 0.10) runs those matmuls at half the speed of these.
+    return jnp.einsum(spec, x, w, preferred_element_type=f32).astype(out or x.dtype)
+
+
+def _matmul_fwd(spec, x, w, out):
+    return _matmul(spec, x, w, out), (x, w)
+
+
+def _matmul_bwd(spec, out, res, g):  # the gradient of 'x,w->y' is 'y,w->x' and 'x,y->w'
+    x, w = res
+    (xs, ws), ys = spec.split('->')[0].split(','), spec.split('->')[1]
+    g = g.astype(x.dtype)
+    return matmul(f'{ys},{ws}->{xs}', g, w), matmul(f'{xs},{ys}->{ws}', x, g, w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def add_bias(y, b):
+    """y + b in float32: the bias's gradient is a sum over every token, which XLA:CPU does ten
+    times slower in bf16 than in float32 (it splits the sum into windows to keep precision)."""
+    return y if b is None else (y.astype(f32) + b).astype(y.dtype)
+
+
+@jax.checkpoint  # recomputed in the backward pass from x: its float32 intermediates are not kept
+def gelu(x):  # GPT-2's tanh GELU, 0.5 x (1 + tanh(z)), written as x sigmoid(2z): the same function
+    x32 = x.astype(f32)  # in float32: bf16 would round every intermediate (and the 1.5957... too)
+    return (x32 * jax.nn.sigmoid(1.5957691216057308 * (x32 + 0.044715 * x32 * x32 * x32))).astype(x.dtype)
 
 
 def dropout(x, rate, key):
@@ -55,19 +98,115 @@ def dropout(x, rate, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+# --- attention: q (B, Tq, H, D), k and v (B, Tk, H, D) -> (B, Tq, H, D) ----------------------
+# Causal by positions: a query sees the keys at positions up to its own. In training both are
+# 0..T-1; with a KV cache (sampling) the keys are every slot of the cache.
+
+def attention(q, k, v, q_pos, k_pos, impl):
+    if impl == 'cudnn':  # NVIDIA's fused flash attention kernel
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+    if impl == 'blockwise':
+        return blockwise_attention(q, k, v, q_pos, k_pos)
+    # 'xla': the textbook formula, the (B, H, Tq, Tk) scores held in memory
+    s = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=f32) / math.sqrt(q.shape[-1])
+    s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, -jnp.inf)
+    return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1).astype(v.dtype), v)
+
+
+def blockwise_attention(q, k, v, q_pos, k_pos, block=128):
+    """Flash attention (Dao et al., 2022) in plain JAX: memory O(Tq x block), not O(Tq x Tk).
+
+    The keys and values are walked one block at a time by a `lax.scan`. Each query keeps a
+    running max m of its scores, the running sum l of exp(score - m), and the output o so far,
+    as the weighted sum of values with those weights. A new block with a larger max rescales
+    what came before by exp(m_old - m_new): the softmax is finished only at the end, o / l. The
+    backward (custom_vjp below) never stored the probabilities: it recomputes each block's from
+    the saved log-sum-exp, m + log(l). The keys are padded up to a multiple of the block, at a
+    position no query reaches, so the mask hides them."""
+    pad = -k.shape[1] % block
+    k, v = (jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]) for a in (k, v))
+    return _flash(q, k, v, q_pos, jnp.pad(k_pos, (0, pad), constant_values=2**30), block)
+
+
+def _kv_blocks(k, v, k_pos, block):  # -> key blocks (n, B, block, H, D), value blocks, positions (n, block)
+    B, T, H, D = k.shape
+    split = lambda a: a.reshape(B, T // block, block, H, D).swapaxes(0, 1)
+    return split(k), split(v), k_pos.reshape(-1, block)
+
+
+def _scores(q, kj, q_pos, kj_pos):  # -> (B, Tq, H, block) scores against one key block, masked
+    s = jnp.einsum('bqhd,bkhd->bqhk', q, kj, preferred_element_type=f32) / math.sqrt(q.shape[-1])
+    return jnp.where((q_pos[:, None] >= kj_pos[None, :])[None, :, None, :], s, -jnp.inf)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_pos, k_pos, block):
+    return _flash_fwd(q, k, v, q_pos, k_pos, block)[0]
+
+
+def _flash_fwd(q, k, v, q_pos, k_pos, block):
+    def step(carry, kv):
+        o, m, l = carry  # (B, Tq, H, D), (B, Tq, H), (B, Tq, H), all float32
+        kj, vj, kj_pos = kv
+        s = _scores(q, kj, q_pos, kj_pos)
+        m_new = jnp.maximum(m, s.max(-1))  # finite from block 0 on: every query sees position 0
+        p = jnp.exp(s - m_new[..., None])  # (B, Tq, H, block)
+        rescale = jnp.exp(m - m_new)  # the old weights were relative to the old max
+        o = o * rescale[..., None] + jnp.einsum('bqhk,bkhd->bqhd', p.astype(vj.dtype), vj, preferred_element_type=f32)
+        return (o, m_new, l * rescale + p.sum(-1)), None
+
+    init = (jnp.zeros_like(q, f32), jnp.full_like(q[..., 0], -jnp.inf, f32), jnp.zeros_like(q[..., 0], f32))
+    (o, m, l), _ = jax.lax.scan(step, init, _kv_blocks(k, v, k_pos, block))
+    o = (o / l[..., None]).astype(q.dtype)
+    return o, (q, k, v, q_pos, k_pos, o, m + jnp.log(l))
+
+
+def _flash_bwd(block, res, g):  # g = dL/do; the softmax backward, one key block at a time
+    q, k, v, q_pos, k_pos, o, lse = res
+    delta = jnp.sum(g.astype(f32) * o, -1)  # (B, Tq, H): sum_k p * dp, the softmax's correction term
+
+    def step(dq, kv):
+        kj, vj, kj_pos = kv
+        p = jnp.exp(_scores(q, kj, q_pos, kj_pos) - lse[..., None])  # recomputed probabilities
+        dv = jnp.einsum('bqhk,bqhd->bkhd', p.astype(g.dtype), g)
+        dp = jnp.einsum('bqhd,bkhd->bqhk', g, vj, preferred_element_type=f32)
+        ds = (p * (dp - delta[..., None]) / math.sqrt(q.shape[-1])).astype(q.dtype)  # d(score)
+        dk = jnp.einsum('bqhk,bqhd->bkhd', ds, q)
+        return dq + jnp.einsum('bqhk,bkhd->bqhd', ds, kj, preferred_element_type=f32), (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(q, f32), _kv_blocks(k, v, k_pos, block))
+    unblock = lambda a: a.swapaxes(0, 1).reshape(k.shape)
+    return dq.astype(q.dtype), unblock(dk), unblock(dv), None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# --- the layers ---------------------------------------------------------------------------------
+
+def normal(rngs, shape, std, sharding):
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape), out_sharding=sharding)
+
+
+def zeros(shape, sharding, use=True):
+    return nnx.Param(jnp.zeros(shape), out_sharding=sharding) if use else None
+
+
+def value(param):  # a Param's array, or None for an absent bias
+    return None if param is None else param[...]
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, cfg: GPTConfig):
         self.scale = nnx.Param(jnp.ones(cfg.n_embd), out_sharding=(None,))
         self.bias = zeros(cfg.n_embd, (None,), cfg.bias)
 
     def __call__(self, x):  # (B, T, C), statistics in float32 whatever the param dtype
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(f32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...]
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y.astype(x.dtype)
+        return add_bias(y, value(self.bias)).astype(x.dtype)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -75,8 +214,7 @@ class CausalSelfAttention(nnx.Module):
 
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         C = cfg.n_embd
-        assert C % cfg.n_head == 0, "n_embd must be a multiple of n_head"
-        self.head_dim = C // cfg.n_head
+        self.head_dim, self.impl = C // cfg.n_head, cfg.attention
         # The fused q/k/v kernel is (C, 3, C): GPT-2's (C, 3C) reshaped. Splitting its last axis
         # over 'model' hands each device the same whole heads of q, k and v.
         self.c_attn = normal(rngs, (C, 3, C), 0.02, (None, None, 'model'))
@@ -85,19 +223,24 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = normal(rngs, (C, C), 0.02 / math.sqrt(2 * cfg.n_layer), ('model', None))
         self.c_proj_bias = zeros(C, (None,), cfg.bias)
 
-    def __call__(self, x):  # (B, T, C)
+    def __call__(self, x, pos, cache=None):  # x (B, T, C), pos (T,) the tokens' positions
         B, T, _ = x.shape
-        qkv = jnp.einsum('btc,ckd->kbtd', x, self.c_attn[...])  # (3, B, T, C / model)
-        if self.c_attn_bias is not None:
-            qkv = qkv + self.c_attn_bias[...][:, None, None, :]
+        # Megatron's "f": x is the same on every model shard, the weights are not. Identity here;
+        # in the backward pass, a psum over 'model' of x's gradient (JAX derives it).
+        x = jax.lax.pcast(x, 'model', to='varying')
+        qkv = add_bias(matmul('btc,ckd->btkd', x, self.c_attn[...]), value(self.c_attn_bias))
         # local heads: derived from the shard's width, so the same code runs on any mesh
-        q, k, v = qkv.reshape(3, B, T, -1, self.head_dim)  # each (B, T, local heads, head_dim)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, local heads, head_dim)
-        y = y.reshape(B, T, -1) @ self.c_proj[...]  # (B, T, C): this device's partial sum
-        # Megatron's "g": add up the partial sums of all model shards. The bias goes after the
+        q, k, v = (a.reshape(B, T, -1, self.head_dim) for a in jnp.split(qkv, 3, axis=2))
+        k_pos, impl = pos, self.impl
+        if cache is not None:  # sampling: write this step's keys and values into their slots,
+            cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, a.astype(c.dtype), pos[0], axis=1)
+                          for c, a in zip(cache, (k, v)))  # (B, S, local heads, head_dim) each
+            (k, v), k_pos, impl = cache, jnp.arange(cache[0].shape[1]), 'xla'  # attend to all S slots
+        y = attention(q, k, v, pos, k_pos, impl).reshape(B, T, -1)  # (B, T, C / model)
+        # Megatron's "g": add up every model shard's partial product. The bias goes after the
         # psum so it is added once, not once per device.
-        y = jax.lax.psum(y, 'model')
-        return y + self.c_proj_bias[...] if self.c_proj_bias is not None else y
+        y = jax.lax.psum(matmul('btc,cd->btd', y, self.c_proj[...]), 'model')  # (B, T, C)
+        return add_bias(y, value(self.c_proj_bias)), cache
 
 
 class MLP(nnx.Module):
@@ -110,13 +253,11 @@ class MLP(nnx.Module):
         self.c_proj = normal(rngs, (4 * C, C), 0.02 / math.sqrt(2 * cfg.n_layer), ('model', None))
         self.c_proj_bias = zeros(C, (None,), cfg.bias)
 
-    def __call__(self, x):  # (B, T, C)
-        h = x @ self.c_fc[...]  # (B, T, 4C / model)
-        if self.c_fc_bias is not None:
-            h = h + self.c_fc_bias[...]
-        h = jax.nn.gelu(h, approximate=True)  # GPT-2 uses the tanh approximation
-        y = jax.lax.psum(h @ self.c_proj[...], 'model')  # (B, T, C), as in attention
-        return y + self.c_proj_bias[...] if self.c_proj_bias is not None else y
+    def __call__(self, x):  # (B, T, C); "f" and "g" as in attention
+        x = jax.lax.pcast(x, 'model', to='varying')
+        h = gelu(add_bias(matmul('btc,cd->btd', x, self.c_fc[...]), value(self.c_fc_bias)))  # (B, T, 4C / model)
+        y = jax.lax.psum(matmul('btc,cd->btd', h, self.c_proj[...]), 'model')
+        return add_bias(y, value(self.c_proj_bias))
 
 
 class Block(nnx.Module):
@@ -127,10 +268,17 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.rate = cfg.dropout
 
-    def __call__(self, x, key=None):  # (B, T, C) -> (B, T, C), pre-LayerNorm residual block
+    def __call__(self, x, pos, key=None, cache=None):  # (B, T, C) -> (B, T, C), pre-LayerNorm residual
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
-        x = x + dropout(self.attn(self.ln_1(x)), self.rate, k1)
-        return x + dropout(self.mlp(self.ln_2(x)), self.rate, k2)
+        y, cache = self.attn(self.ln_1(x), pos, cache)
+        x = x + dropout(y, self.rate, k1)
+        return x + dropout(self.mlp(self.ln_2(x)), self.rate, k2), cache
+
+
+# --- the GPT ------------------------------------------------------------------------------------
+
+REMAT = {'none': None, 'block': jax.checkpoint_policies.nothing_saveable,
+         'dots': jax.checkpoint_policies.save_only_these_names('matmul')}
 
 
 class GPT(nnx.Module):
@@ -151,29 +299,37 @@ class GPT(nnx.Module):
         self.h = make_blocks(rngs)
         self.ln_f = LayerNorm(cfg)
 
-    def __call__(self, idx, key=None):  # idx (B, T) int32 -> logits (B, T, padded_vocab) f32
+    def __call__(self, idx, key=None, cache=None, start=0):
+        """idx (B, T) int32 -> logits (B, T, padded_vocab) float32, and the updated cache.
+
+        cache: None in training; in sampling, the keys and values of every layer, (L, B, S,
+        local heads, head_dim) each, and idx holds the tokens at positions start..start+T-1."""
         B, T = idx.shape
-        wte = self.wte[...]
-        x = wte[idx] + self.wpe[...][:T]  # (B, T, C), in the param dtype
+        L, wte = self.cfg.n_layer, self.wte[...]
+        pos = start + jnp.arange(T)
+        x = wte[idx] + jax.lax.dynamic_slice_in_dim(self.wpe[...], start, T)  # (B, T, C)
         if key is not None:
             key, k_emb = jax.random.split(key)
             x = dropout(x, self.cfg.dropout, k_emb)
-        keys = jax.random.split(key, self.cfg.n_layer) if key is not None else None
+        keys = jax.random.split(key, L) if key is not None else None
 
         graphdef, layers = nnx.split(self.h)  # layers: the stacked params, (L, ...) each
 
-        def body(x, layer_and_key):
-            layer, k = layer_and_key
-            return nnx.merge(graphdef, layer)(x, k), None
+        def body(x, xs):
+            layer, k, p, c = xs
+            return nnx.merge(graphdef, layer)(x, p, k, c)
 
-        # remat keeps only each block's input for the backward pass, not its activations
-        x, _ = jax.lax.scan(jax.checkpoint(body) if self.cfg.remat else body, x, (layers, keys))
-        x = self.ln_f(x)
-        # LM head tied to the token embedding; bf16 inputs, float32 products and logits
-        return jnp.einsum('btc,vc->btv', x, wte, preferred_element_type=jnp.float32)
+        if self.cfg.remat != 'none':  # keep only what the policy saves for the backward pass
+            body = jax.checkpoint(body, policy=REMAT[self.cfg.remat])
+        # The positions go in once per layer, not as one constant: JAX hoists what depends only on
+        # constants out of the loop, and would build every layer's causal mask, (B, H, T, T), at once.
+        x, cache = jax.lax.scan(body, x, (layers, keys, jnp.broadcast_to(pos, (L, T)), cache),
+                                unroll=self.cfg.unroll)
+        # LM head tied to the token embedding; float32 logits
+        return matmul('btc,vc->btv', self.ln_f(x), wte, f32), cache
 
     def loss(self, idx, targets, key=None):  # mean cross-entropy in float32, a scalar
-        logits = self(idx, key)
+        logits, _ = self(idx, key)
         logz = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
         true = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return jnp.mean(logz - true)

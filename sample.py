@@ -25,33 +25,6 @@ import shard
 from model import GPTConfig
 
 
-def generate(logits_fn, params, prompt, max_new_tokens, block_size, vocab_size,
-             temperature=1.0, top_k=None, key=None, num_samples=1):
-    """Autoregressive sampling. prompt: list of token ids -> (num_samples, len + new) ids.
-
-    Each step runs the model on a fixed (num_samples, block_size) window, so it compiles once:
-    the context is left-aligned and padded on the right, and causal attention guarantees the
-    padding never affects the position we read (pos). Past block_size the window slides."""
-
-    @jax.jit
-    def next_token(params, window, pos, key):  # window (N, T) int32 -> (N,) next ids
-        logits = logits_fn(params, window)[:, pos, :vocab_size] / temperature  # drop the padding
-        if top_k:  # keep the k most likely tokens, renormalize over them
-            kth = jax.lax.top_k(logits, min(top_k, vocab_size))[0][:, -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        return jax.random.categorical(key, logits)
-
-    key = jax.random.key(0) if key is None else key
-    ids = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))  # (N, t)
-    for i in range(max_new_tokens):
-        context = ids[:, -block_size:]
-        window = np.zeros((num_samples, block_size), np.int32)
-        window[:, :context.shape[1]] = context
-        nxt = next_token(params, window, context.shape[1] - 1, jax.random.fold_in(key, i))
-        ids = np.concatenate([ids, np.asarray(nxt)[:, None]], axis=1)
-    return ids
-
-
 @dataclass
 class SampleConfig:
     out_dir: str = 'out'  # the folder train.py wrote its checkpoints to
@@ -65,8 +38,7 @@ class SampleConfig:
 
 
 def main(argv):
-    import train  # for its flag parser; imported here, as train.py imports this file
-    cfg = train.parse_flags(argv, SampleConfig(), presets={})
+    cfg = data.parse_flags(argv, SampleConfig(), presets={})
     ckpts = sorted(glob.glob(os.path.join(cfg.out_dir, 'ckpt_*.npz')))
     if not ckpts:
         sys.exit(f"sample.py: no checkpoint in {cfg.out_dir}/: run python train.py first, or pass --out_dir")
@@ -80,11 +52,11 @@ def main(argv):
     except (ValueError, OSError) as e:  # one line, as train.py
         sys.exit(f"sample.py: {e}")
     with jax.set_mesh(mesh):
-        graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, train.storage_dtype(tc))
+        graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, shard.storage_dtype(tc))
         params = shard.place(arrays, {'params': params})['params']
         prompt = tok.encode(start).tolist() or [tok.eot]
         logits_fn = shard.make_logits(graphdef, specs, mesh, tc['dtype'])
-        out = generate(logits_fn, params, prompt, cfg.max_new_tokens, model_cfg.block_size,
+        out = shard.generate(logits_fn, params, prompt, cfg.max_new_tokens, model_cfg.block_size,
                        model_cfg.vocab_size, cfg.temperature, cfg.top_k, jax.random.key(cfg.seed),
                        cfg.num_samples)
     for row in out:

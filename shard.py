@@ -83,11 +83,25 @@ def per_device_bytes(tree):
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
+def storage_dtype(cfg):  # the params' dtype: float32 master copies, or the compute dtype itself
+    return 'float32' if cfg['master_weights'] else cfg['dtype']
+
+
+def lr_schedule(cfg):
+    """nanoGPT's: a linear warmup that starts at lr / (warmup + 1), so the first step learns, then
+    a cosine decay to min_lr at max_iters. Takes optax's count: 0 for the first step."""
+    def lr(count):
+        warm = cfg.learning_rate * (count + 1) / (cfg.warmup_iters + 1)
+        t = jnp.clip((count - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1), 0.0, 1.0)
+        decay = cfg.min_lr + 0.5 * (1 + jnp.cos(jnp.pi * t)) * (cfg.learning_rate - cfg.min_lr)
+        return jnp.where(count < cfg.warmup_iters, warm, decay)
+    return lr
+
+
 def make_optimizer(cfg, params):
-    """AdamW with linear warmup then cosine decay, global-norm clipping at 1.0; weight decay
-    only on matrices (kernels and embeddings), not on biases and LayerNorm scales."""
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_iters,
-                                            max(cfg.max_iters, cfg.warmup_iters + 1), cfg.min_lr)
+    """AdamW with lr_schedule, global-norm clipping at 1.0; weight decay only on matrices
+    (kernels and embeddings), not on biases and LayerNorm scales."""
+    lr = lr_schedule(cfg)
     no_decay = ('bias', 'scale')
     decay = jax.tree_util.tree_map_with_path(
         lambda path, _: not any(w in str(k) for k in path for w in no_decay), params)
@@ -175,9 +189,39 @@ def make_logits(graphdef, specs, mesh, dtype):
     """Returns logits(params, idx (B, T)) -> (B, T, padded_vocab) float32, for sampling.
 
     The batch is small and replicated; the weights stay split over 'model'."""
-    f = jax.shard_map(lambda p, idx: nnx.merge(graphdef, p)(idx), mesh=mesh,
+    f = jax.shard_map(lambda p, idx: nnx.merge(graphdef, p)(idx)[0], mesh=mesh,
                       in_specs=(specs, P()), out_specs=P())
     return jax.jit(lambda params, idx: f(cast(params, dtype), idx))
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+def generate(logits_fn, params, prompt, max_new_tokens, block_size, vocab_size,
+             temperature=1.0, top_k=None, key=None, num_samples=1):
+    """Autoregressive sampling. prompt: list of token ids -> (num_samples, len + new) ids.
+
+    Each step runs the model on a fixed (num_samples, block_size) window, so it compiles once:
+    the context is left-aligned and padded on the right, and causal attention guarantees the
+    padding never affects the position we read (pos). Past block_size the window slides."""
+
+    @jax.jit
+    def next_token(params, window, pos, key):  # window (N, T) int32 -> (N,) next ids
+        logits = logits_fn(params, window)[:, pos, :vocab_size] / temperature  # drop the padding
+        if top_k:  # keep the k most likely tokens, renormalize over them
+            kth = jax.lax.top_k(logits, min(top_k, vocab_size))[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits)
+
+    key = jax.random.key(0) if key is None else key
+    ids = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))  # (N, t)
+    for i in range(max_new_tokens):
+        context = ids[:, -block_size:]
+        window = np.zeros((num_samples, block_size), np.int32)
+        window[:, :context.shape[1]] = context
+        nxt = next_token(params, window, context.shape[1] - 1, jax.random.fold_in(key, i))
+        ids = np.concatenate([ids, np.asarray(nxt)[:, None]], axis=1)
+    return ids
+
 
 
 # --- checkpoints: gathered from all devices into one .npz, placed back onto any mesh -----------
