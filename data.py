@@ -139,7 +139,7 @@ def source_files(data, cache_dir):
     if path.is_dir():  # every file, but those under a hidden name (.git/, .venv/ ...)
         return path, sorted(p for p in path.rglob('*') if p.is_file()
                             and not any(part.startswith('.') for part in p.relative_to(path).parts))
-    files = sorted(Path(p) for p in glob.glob(data, recursive=True) if Path(p).is_file()) if data else []
+    files = sorted(Path(p) for p in glob.glob(data, recursive=True) if Path(p).is_file())
     if not files:
         raise DataError(f"--data={data!r}: no such file, folder or glob match: check the path")
     return Path(os.path.commonpath([p.parent for p in files])), files
@@ -201,6 +201,8 @@ def split_documents(root, files):
 
 def load_tokens(data, tokenizer, cache_dir):
     """--data -> (train, val) uint16 token arrays (np.memmap), tokenizing on first use only."""
+    if not data:  # Path('') is the current folder: never read that by accident
+        raise DataError("--data is empty: pass stdlib, shakespeare, or a file, folder or glob")
     path = Path(data)
     if (path / 'train.bin').is_file() and (path / 'val.bin').is_file():  # nanoGPT's prepare.py output
         return [np.memmap(path / f'{s}.bin', np.uint16, 'r') for s in ('train', 'val')]

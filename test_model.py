@@ -26,7 +26,7 @@ import optax
 import pytest
 
 import data
-import sample
+import model
 import shard
 import train
 from model import GPTConfig
@@ -177,6 +177,42 @@ def test_remat_gives_the_same_gradients(reference):
     assert_close(grads, reference[1])
 
 
+@pytest.mark.parametrize('T', [128, 200])  # a multiple of the 128-key block, and not
+def test_blockwise_attention_matches_xla(T):
+    """Flash attention's outputs and gradients equal the textbook formula's: float32, 2e-5."""
+    q, k, v, w = (jax.random.normal(jax.random.key(i), (2, T, 3, 16)) for i in range(4))
+    pos = jnp.arange(T)
+    def loss(impl):  # a random weighting of the outputs, so every gradient entry matters
+        return jax.value_and_grad(lambda q, k, v: (model.attention(q, k, v, pos, pos, impl) * w).sum(), (0, 1, 2))
+    (lx, gx), (lb, gb) = loss('xla')(q, k, v), loss('blockwise')(q, k, v)
+    assert abs(lb - lx) <= 2e-5 * abs(lx)
+    assert_close(gb, gx, rel=2e-5)
+    if jax.default_backend() == 'gpu':  # cuDNN's kernel, in bf16, where there is one
+        bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+        np.testing.assert_allclose(model.attention(*bf, pos, pos, 'cudnn'), model.attention(*bf, pos, pos, 'xla'), atol=2e-2)
+
+
+def test_blockwise_model_in_shard_map(reference):
+    """The whole model with blockwise attention, split 2x4, gives the 1x1 xla model's gradients
+    (T=16 here, so the keys are padded up to the 128-key block)."""
+    loss, grads, _ = grads_on('data=2,model=4', cfg=dataclasses.replace(CFG, attention='blockwise'))
+    assert abs(loss - reference[0]) <= 1e-5 * abs(reference[0])
+    assert_close(grads, reference[1])
+
+
+def test_schedule_first_step_learns():
+    tc = tcfg(warmup_iters=10, learning_rate=1e-3, max_iters=100, min_lr=1e-4)
+    lr = shard.lr_schedule(tc)
+    np.testing.assert_allclose([lr(0), lr(9), lr(10), lr(100)], [1e-3 / 11, 1e-3 * 10 / 11, 1e-3, 1e-4], rtol=1e-6)
+    mesh = mesh_of('data=1,model=1')
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
+        tx, _ = shard.make_optimizer(tc, params)
+        before = jax.device_get(params)
+        after, _, _ = shard.make_train_step(graphdef, specs, mesh, tx, tc)(params, jax.jit(tx.init)(params), tokens(0), jax.random.key(0))
+    assert not np.array_equal(after['wte'], before['wte'])  # the first step moved the weights
+
+
 def test_one_data_allreduce_per_step():
     """The compiled step with 4 micro-batches all-reduces gradients over 'data' once, outside
     the micro-batch loop; the 'model' axis all-reduces (the psums in model.py) are separate."""
@@ -281,6 +317,32 @@ def test_dataset_split_and_cache(tmp_path):
     assert (len(train_c), len(val_c)) == (901, 101)  # 90% / 10% of the text, plus <|endoftext|>
 
 
+def test_folder_reads_text_only(tmp_path, capsys):
+    """A folder skips hidden paths (.git/) and files that are not UTF-8 text, and says so."""
+    folder = tmp_path / 'repo'
+    for name, content in [('a.py', b'print(1)\n'), ('b.txt', b'hello\n'), ('.git/HEAD', b'ref: main\n'),
+                          ('.git/objects/ab', b'x\x00\x9c'), ('c.pyc', b'\x00\x01binary'), ('d.bin', b'\xff\xfe')]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    root, files = data.source_files(str(folder), tmp_path / 'cache')
+    assert [p.name for p in files] == ['a.py', 'b.txt', 'c.pyc', 'd.bin']  # nothing under .git/
+    train, val = data.split_documents(root, files)
+    assert sorted(train + val) == ['hello\n', 'print(1)\n']
+    assert 'skipped 2 of 4 files that are not UTF-8 text' in capsys.readouterr().out
+
+
+def test_cache_sees_same_size_edits(tmp_path):
+    """An edit that keeps the size and the modification time (cp -p, rsync -t) is still seen."""
+    f = tmp_path / 'text.txt'
+    f.write_text('abcdefghij' * 100)
+    stat = f.stat()
+    a = np.array(data.load_tokens(str(f), 'byte', tmp_path / 'cache')[0])
+    f.write_text('ABCDEFGHIJ' * 100)
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    b = np.array(data.load_tokens(str(f), 'byte', tmp_path / 'cache')[0])
+    assert f.stat().st_mtime_ns == stat.st_mtime_ns and bytes(b[:3].astype(np.uint8)) == b'ABC' != bytes(a[:3].astype(np.uint8))
+
+
 def test_named_download_checks_its_hash(tmp_path, monkeypatch):
     """--data=shakespeare downloads once, keeps the file only if its sha256 matches, then reuses it."""
     served = tmp_path / 'served.txt'
@@ -345,12 +407,23 @@ def test_train_then_sample(corpus, tmp_path):
             '--sample_tokens=20')
     assert r.returncode == 0, r.stderr
     assert 'val loss' in r.stdout and 'sample:' in r.stdout and 'memory per device' in r.stdout
+    assert 'compiled the training step in' in r.stdout  # once, not folded into the first step's time
     log = losses(tmp_path)
     assert sorted(log) == list(range(1, 9)) and log[8] < log[1]
     r = cli('sample.py', corpus, f'--out_dir={tmp_path}', '--start=def ', '--max_new_tokens=10',
             '--num_samples=2')
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('def ') and r.stdout.count('---------------') == 2
+
+
+def test_bench_and_profile(corpus, tmp_path):
+    """--bench times the step and prints its figures (not asserted: machines differ); --profile
+    writes a trace that TensorBoard or Perfetto can open. Nothing else is written."""
+    r = cli('train.py', corpus, f'--out_dir={tmp_path / "out"}', '--bench', f'--profile={tmp_path / "trace"}')
+    assert r.returncode == 0, r.stderr
+    for figure in ('compiled the training step in', 'ms/step', 'tok/s', 'GFLOP/s here', 'device memory'):
+        assert figure in r.stdout, figure
+    assert list((tmp_path / 'trace').rglob('*.xplane.pb')) and not (tmp_path / 'out').exists()
 
 
 def test_resume_after_sigkill_is_exact(corpus, tmp_path):
@@ -368,6 +441,9 @@ def test_resume_after_sigkill_is_exact(corpus, tmp_path):
     r = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', *flags, '--resume')
     assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr
     assert losses(tmp_path / 'b') == losses(tmp_path / 'a')
+    rows = [json.loads(l) for l in (tmp_path / 'b' / 'metrics.jsonl').read_text().splitlines()]
+    steps = [r['step'] for r in rows if 'loss' in r]
+    assert steps == sorted(set(steps))  # the steps logged after the checkpoint, then killed, appear once
 
 
 def test_resume_on_another_mesh(corpus, tmp_path):
@@ -411,15 +487,19 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])  # pre-emption, and Ctrl-C
 def test_signal_saves_and_exits_cleanly(sig, corpus, tmp_path):
+    # log_interval 1000: the signal lands between log lines; eval_iters 10**6: an evaluation would
+    # take hours, so the run must save and exit without one
     p = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=100000',
-            wait=False)
-    while p.poll() is None and not ((tmp_path / 'metrics.jsonl').exists() and losses(tmp_path)):
-        time.sleep(0.02)
+            '--log_interval=1000', '--eval_iters=1000000', wait=False)
+    while p.poll() is None and 'compiled the training step' not in p.stdout.readline():
+        pass
+    time.sleep(1)
     p.send_signal(sig)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     step = int(re.search(r'stopped by signal at step (\d+)', out).group(1))
-    assert (tmp_path / f'ckpt_{step:07d}.npz').exists()
+    assert (tmp_path / f'ckpt_{step:07d}.npz').exists() and 'val loss' not in out
+    assert sorted(losses(tmp_path)) == list(range(1, step + 1))  # no step's loss was dropped
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(corpus, tmp_path):
@@ -459,10 +539,14 @@ BAD = {  # flags -> what the one-line message must say
     'unknown flag': (['--learning_rat=1e-3'], "unknown flag '--learning_rat=1e-3'"),
     'wrong type': (['--batch_size=lots'], "--batch_size='lots' is not a valid int"),
     'unknown preset': (['--preset=gpt5'], "unknown preset 'gpt5'"),
+    'unknown dtype': (['--out_dir={fresh}', '--dtype=float16'], "--dtype='float16' is not one of bfloat16, float32"),
+    'unknown attention': (['--out_dir={fresh}', '--attention=flash'], "--attention='flash' is not one of xla, blockwise, cudnn"),
+    'empty --data': (['--out_dir={fresh}', '--data='], "--data is empty: pass stdlib"),
     'unknown tokenizer': (['--out_dir={fresh}', '--tokenizer=sentencepiece'], "--tokenizer='sentencepiece' is not one of byte, gpt2"),
     'resume without checkpoint': (['--out_dir={fresh}', '--resume'], 'no checkpoint in'),
     'corrupt checkpoint': (['--out_dir={corrupt}', '--resume'], 'is corrupt or truncated'),
     'checkpoint of another shape': (['--resume', '--n_layer=3'], 'was trained with --n_layer=2'),
+    'resume with another schedule': (['--resume', '--max_iters=9'], 'was trained with --max_iters=4'),
     'new run over a checkpoint': ([], 'already holds checkpoints: pass --resume'),
     'unwritable out_dir': (['--out_dir={file}/out'], 'cannot be written'),
 }
