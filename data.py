@@ -16,7 +16,6 @@ import base64
 import dataclasses
 import glob
 import hashlib
-import json
 import os
 import sys
 import sysconfig

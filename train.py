@@ -150,9 +150,10 @@ def main(argv):
 
 def run(cfg):
     # --- checks that must pass before anything is read or written -----------------------------
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices and (getattr(cfg, name) or name != 'attention'):
-            raise ValueError(f"--{name}={getattr(cfg, name)!r} is not one of {', '.join(choices)}")
+    for name, choices in CHOICES.items():  # an empty --attention means the backend's default
+        value = getattr(cfg, name)
+        if value not in choices and not (name == 'attention' and value == ''):
+            raise ValueError(f"--{name}={value!r} is not one of {', '.join(choices)}")
     for name in ('batch_size', 'grad_accum', 'block_size', 'n_layer', 'n_head', 'n_embd',
                  'log_interval', 'eval_interval', 'eval_iters', 'keep_checkpoints'):
         if getattr(cfg, name) < 1:
