@@ -14,8 +14,10 @@ Needs: nothing from the other files.
 """
 import base64
 import dataclasses
+import fcntl
 import glob
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -71,6 +73,7 @@ def parse_flags(argv, cfg, presets):
 class ByteTokenizer:
     vocab_size = 256
     eot = 0  # NUL never occurs in text, so it can mark the end of a document
+    token_bytes = np.minimum(np.arange(256), 1)  # bytes of text each id stands for: 1, but 0 for eot
 
     def encode(self, text):
         return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.uint16)
@@ -96,6 +99,7 @@ class GPT2Tokenizer:
         ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in raw.splitlines() if line)}
         self.enc = tiktoken.Encoding('gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                      special_tokens={'<|endoftext|>': self.eot})
+        self.token_bytes = np.array([len(t) for t in sorted(ranks, key=ranks.get)] + [0])  # eot: 0 bytes
 
     def encode(self, text):
         return np.array(self.enc.encode_ordinary(text), np.uint16)  # 50257 ids fit in uint16
@@ -167,6 +171,53 @@ def atomic_write(path, write):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_safetensors(path):
+    """{name: float32 array} from a .safetensors file: an 8-byte little-endian header length, a
+    JSON header of each tensor's dtype, shape and byte range, then the raw little-endian data."""
+    try:
+        with open(path, 'rb') as f:
+            n = int.from_bytes(f.read(8), 'little')
+            header = json.loads(f.read(n))
+        raw = np.memmap(path, np.uint8, 'r', offset=8 + n)  # read from disk as each tensor is used
+        out = {}
+        for name, t in header.items():
+            if name != '__metadata__':
+                a = raw[slice(*t['data_offsets'])].view({'F32': '<f4', 'F16': '<f2', 'BF16': '<u2'}[t['dtype']])
+                a = (a.astype('<u4') << 16).view('<f4') if t['dtype'] == 'BF16' else a  # bf16: the top half of a float32
+                out[name] = np.array(a, np.float32).reshape(t['shape'])
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is not a readable safetensors file of F32, F16 or BF16 tensors "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def write_safetensors(path, arrays):  # {name: array}, written as float32, atomically
+    header, offset = {}, 0
+    for name, a in arrays.items():
+        header[name] = dict(dtype='F32', shape=list(a.shape), data_offsets=[offset, offset + 4 * a.size])
+        offset += 4 * a.size
+    head = json.dumps(header).encode()
+    head += b' ' * (-len(head) % 8)  # the data starts 8-byte aligned, as the format asks
+    atomic_write(path, lambda f: [f.write(b) for b in (len(head).to_bytes(8, 'little'), head)] +
+                 [f.write(np.ascontiguousarray(a, '<f4').tobytes()) for a in arrays.values()])
+
+
+def lock(folder):
+    """Lock folder/lock for as long as this process lives: the OS drops the lock when it dies,
+    even by kill -9, so a lock is never stale. -> (the open file, to keep), or (None, the pid of the
+    live process that holds it)."""
+    f = open(Path(folder) / 'lock', 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        return None, f.read().strip() or '?'
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f, None
 
 
 def split_documents(root, files):
@@ -256,6 +307,6 @@ class Batches:
             starts[here] = self.epoch[2] + self.epoch[1][idx[here] % self.n] * (self.T + 1)
         return starts
 
-    def get(self, cursor):  # -> (B, T+1) int32, and the cursor after it
-        batch = np.stack([self.tokens[s:s + self.T + 1] for s in self.window_starts(cursor)])
+    def get(self, cursor, rows=slice(None)):  # -> (B, T+1) int32 (those rows of it), the next cursor
+        batch = np.stack([self.tokens[s:s + self.T + 1] for s in self.window_starts(cursor)[rows]])
         return batch.astype(np.int32), cursor + self.B

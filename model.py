@@ -42,6 +42,7 @@ class GPTConfig:
     attention: str = 'xla'  # xla: plain softmax | blockwise: flash attention in JAX | cudnn
     remat: str = 'none'  # recompute in the backward pass: none | block | dots (keep matmul outputs)
     unroll: bool = False  # compile every layer (faster on CPU) instead of one block run in a loop
+    fsdp: int = 1  # FSDP: also split the weights over this many devices of the 'data' axis (1: off)
 
     @property
     def padded_vocab(self):  # 50257 -> 50304: matmuls with a dimension that tiles evenly run faster
@@ -96,6 +97,20 @@ def dropout(x, rate, key):
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=['q', 'scale'], meta_fields=[])
+@dataclass
+class Int8:
+    """A weight stored as int8 (sample.py --quantize=int8): w ~ q * scale, one scale per output
+    channel and per group of input rows; w[...] dequantizes it, in the scale's dtype."""
+    q: jax.Array  # int8, the weight's shape: (in, out...)
+    scale: jax.Array  # (groups, out...): the input axis cut into groups, each with its own scale
+
+    def __getitem__(self, index):
+        g = self.scale.shape[0]
+        q = self.q.reshape(g, -1, *self.q.shape[1:]).astype(self.scale.dtype)  # (groups, in/groups, out...)
+        return (q * self.scale[:, None]).reshape(self.q.shape)[index]
 
 
 # --- attention: q (B, Tq, H, D), k and v (B, Tk, H, D) -> (B, Tq, H, D) ----------------------
@@ -184,28 +199,45 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # --- the layers ---------------------------------------------------------------------------------
 
-def normal(rngs, shape, std, sharding):
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape), out_sharding=sharding)
+def layout(cfg, shape, spec):
+    """A weight's layout: `spec` names the axes split over 'model'. With FSDP, cfg.fsdp > 1 devices
+    on 'data', the first other axis that cfg.fsdp divides is split over 'data' too."""
+    for i, n in enumerate(shape):
+        if cfg.fsdp > 1 and spec[i] is None and n % cfg.fsdp == 0:
+            return spec[:i] + ('data',) + spec[i + 1:]
+    return spec
 
 
-def zeros(shape, sharding, use=True):
-    return nnx.Param(jnp.zeros(shape), out_sharding=sharding) if use else None
+def normal(cfg, rngs, shape, std, spec):
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape), out_sharding=layout(cfg, shape, spec))
 
 
-def value(param):  # a Param's array, or None for an absent bias
-    return None if param is None else param[...]
+def zeros(cfg, shape, spec, use=True):
+    return nnx.Param(jnp.zeros(shape), out_sharding=layout(cfg, shape, spec)) if use else None
+
+
+def value(param):
+    """A Param's array (None for an absent bias). A weight that FSDP split over 'data' is
+    all-gathered here, just before use: inside the layer scan, so one layer at a time is whole.
+    Its transpose, which JAX derives for the backward pass, is a reduce-scatter: each device gets
+    the sum over 'data' of its own slice of the gradient. Bytes moved: the weight, per use."""
+    if param is None:
+        return None
+    x, spec = param[...], param.out_sharding
+    spec = spec[len(spec) - x.ndim:]  # a stacked layer's layout starts with the layer axis
+    return jax.lax.all_gather(x, 'data', axis=spec.index('data'), tiled=True) if 'data' in spec else x
 
 
 class LayerNorm(nnx.Module):
     def __init__(self, cfg: GPTConfig):
-        self.scale = nnx.Param(jnp.ones(cfg.n_embd), out_sharding=(None,))
-        self.bias = zeros(cfg.n_embd, (None,), cfg.bias)
+        self.scale = nnx.Param(jnp.ones(cfg.n_embd), out_sharding=layout(cfg, (cfg.n_embd,), (None,)))
+        self.bias = zeros(cfg, (cfg.n_embd,), (None,), cfg.bias)
 
     def __call__(self, x):  # (B, T, C), statistics in float32 whatever the param dtype
         x32 = x.astype(f32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...]
+        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * value(self.scale)
         return add_bias(y, value(self.bias)).astype(x.dtype)
 
 
@@ -217,18 +249,18 @@ class CausalSelfAttention(nnx.Module):
         self.head_dim, self.impl = C // cfg.n_head, cfg.attention
         # The fused q/k/v kernel is (C, 3, C): GPT-2's (C, 3C) reshaped. Splitting its last axis
         # over 'model' hands each device the same whole heads of q, k and v.
-        self.c_attn = normal(rngs, (C, 3, C), 0.02, (None, None, 'model'))
-        self.c_attn_bias = zeros((3, C), (None, 'model'), cfg.bias)
+        self.c_attn = normal(cfg, rngs, (C, 3, C), 0.02, (None, None, 'model'))
+        self.c_attn_bias = zeros(cfg, (3, C), (None, 'model'), cfg.bias)
         # residual projections get a smaller init, per GPT-2 paper: std 0.02/sqrt(2 * n_layer)
-        self.c_proj = normal(rngs, (C, C), 0.02 / math.sqrt(2 * cfg.n_layer), ('model', None))
-        self.c_proj_bias = zeros(C, (None,), cfg.bias)
+        self.c_proj = normal(cfg, rngs, (C, C), 0.02 / math.sqrt(2 * cfg.n_layer), ('model', None))
+        self.c_proj_bias = zeros(cfg, (C,), (None,), cfg.bias)
 
     def __call__(self, x, pos, cache=None):  # x (B, T, C), pos (T,) the tokens' positions
         B, T, _ = x.shape
         # Megatron's "f": x is the same on every model shard, the weights are not. Identity here;
         # in the backward pass, a psum over 'model' of x's gradient (JAX derives it).
         x = jax.lax.pcast(x, 'model', to='varying')
-        qkv = add_bias(matmul('btc,ckd->btkd', x, self.c_attn[...]), value(self.c_attn_bias))
+        qkv = add_bias(matmul('btc,ckd->btkd', x, value(self.c_attn)), value(self.c_attn_bias))
         # local heads: derived from the shard's width, so the same code runs on any mesh
         q, k, v = (a.reshape(B, T, -1, self.head_dim) for a in jnp.split(qkv, 3, axis=2))
         k_pos, impl = pos, self.impl
@@ -239,7 +271,7 @@ class CausalSelfAttention(nnx.Module):
         y = attention(q, k, v, pos, k_pos, impl).reshape(B, T, -1)  # (B, T, C / model)
         # Megatron's "g": add up every model shard's partial product. The bias goes after the
         # psum so it is added once, not once per device.
-        y = jax.lax.psum(matmul('btc,cd->btd', y, self.c_proj[...]), 'model')  # (B, T, C)
+        y = jax.lax.psum(matmul('btc,cd->btd', y, value(self.c_proj)), 'model')  # (B, T, C)
         return add_bias(y, value(self.c_proj_bias)), cache
 
 
@@ -248,15 +280,15 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         C = cfg.n_embd
-        self.c_fc = normal(rngs, (C, 4 * C), 0.02, (None, 'model'))
-        self.c_fc_bias = zeros(4 * C, ('model',), cfg.bias)
-        self.c_proj = normal(rngs, (4 * C, C), 0.02 / math.sqrt(2 * cfg.n_layer), ('model', None))
-        self.c_proj_bias = zeros(C, (None,), cfg.bias)
+        self.c_fc = normal(cfg, rngs, (C, 4 * C), 0.02, (None, 'model'))
+        self.c_fc_bias = zeros(cfg, (4 * C,), ('model',), cfg.bias)
+        self.c_proj = normal(cfg, rngs, (4 * C, C), 0.02 / math.sqrt(2 * cfg.n_layer), ('model', None))
+        self.c_proj_bias = zeros(cfg, (C,), (None,), cfg.bias)
 
     def __call__(self, x):  # (B, T, C); "f" and "g" as in attention
         x = jax.lax.pcast(x, 'model', to='varying')
-        h = gelu(add_bias(matmul('btc,cd->btd', x, self.c_fc[...]), value(self.c_fc_bias)))  # (B, T, 4C / model)
-        y = jax.lax.psum(matmul('btc,cd->btd', h, self.c_proj[...]), 'model')
+        h = gelu(add_bias(matmul('btc,cd->btd', x, value(self.c_fc)), value(self.c_fc_bias)))  # (B, T, 4C / model)
+        y = jax.lax.psum(matmul('btc,cd->btd', h, value(self.c_proj)), 'model')
         return add_bias(y, value(self.c_proj_bias))
 
 
@@ -285,8 +317,10 @@ class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         # Embeddings are replicated: the lookup is cheap, and the tied LM head needs all of wte.
-        self.wte = normal(rngs, (cfg.padded_vocab, cfg.n_embd), 0.02, (None, None))
-        self.wpe = normal(rngs, (cfg.block_size, cfg.n_embd), 0.02, (None, None))
+        # The padding rows are zeros: the loss never reads their logits, so they stay zero.
+        wte = 0.02 * jax.random.normal(rngs.params(), (cfg.padded_vocab, cfg.n_embd))
+        self.wte = nnx.Param(wte.at[cfg.vocab_size:].set(0), out_sharding=layout(cfg, wte.shape, (None, None)))
+        self.wpe = normal(cfg, rngs, (cfg.block_size, cfg.n_embd), 0.02, (None, None))
 
         # n_layer Blocks built at once and stacked: every param gets a leading layer axis
         # (L, ...), and its layout a leading None. The forward pass scans over that axis, so
@@ -305,9 +339,9 @@ class GPT(nnx.Module):
         cache: None in training; in sampling, the keys and values of every layer, (L, B, S,
         local heads, head_dim) each, and idx holds the tokens at positions start..start+T-1."""
         B, T = idx.shape
-        L, wte = self.cfg.n_layer, self.wte[...]
+        L, wte = self.cfg.n_layer, value(self.wte)
         pos = start + jnp.arange(T)
-        x = wte[idx] + jax.lax.dynamic_slice_in_dim(self.wpe[...], start, T)  # (B, T, C)
+        x = wte[idx] + jax.lax.dynamic_slice_in_dim(value(self.wpe), start, T)  # (B, T, C)
         if key is not None:
             key, k_emb = jax.random.split(key)
             x = dropout(x, self.cfg.dropout, k_emb)
@@ -329,7 +363,7 @@ class GPT(nnx.Module):
         return matmul('btc,vc->btv', self.ln_f(x), wte, f32), cache
 
     def loss(self, idx, targets, key=None):  # mean cross-entropy in float32, a scalar
-        logits, _ = self(idx, key)
+        logits = self(idx, key)[0][..., :self.cfg.vocab_size]  # (B, T, vocab): the padding dropped
         logz = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
         true = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return jnp.mean(logz - true)

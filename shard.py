@@ -20,16 +20,18 @@ Needs: model.py (GPT), data.py (atomic_write, for checkpoints).
 """
 import json
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental.multihost_utils import process_allgather
 from jax.sharding import PartitionSpec as P
 
-from data import atomic_write
-from model import GPT
+from data import atomic_write, get_tokenizer, read_safetensors, write_safetensors
+from model import GPT, Int8
 
 
 def make_mesh(spec, devices=None):
@@ -65,8 +67,8 @@ def init_params(cfg, mesh, seed, dtype):
     return graphdef, init(), specs
 
 
-def cast(params, dtype):
-    return jax.tree.map(lambda p: p.astype(dtype), params)
+def cast(params, dtype):  # float arrays only: int8 weights stay int8
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
 def check_divisible(cfg, mesh):
@@ -126,7 +128,8 @@ def make_grads(graphdef, specs, mesh, cfg):
         # whose backward is an all-reduce over 'data'; inside the scan below that would be one
         # all-reduce per micro-batch. Casting to 'varying' once, here, keeps each device's
         # gradients local until the single psum after the scan.
-        params = jax.lax.pcast(params, 'data', to='varying')
+        # (FSDP's weights, split over 'data', vary already.)
+        params = jax.tree.map(lambda p, s: p if 'data' in s else jax.lax.pcast(p, 'data', to='varying'), params, specs)
         key = jax.random.fold_in(key, jax.lax.axis_index('data'))  # own dropout mask per shard
         micro = batch.reshape(n_micro, -1, batch.shape[-1])  # (n_micro, B/data/n_micro, T+1)
 
@@ -149,7 +152,10 @@ def make_grads(graphdef, specs, mesh, cfg):
         # THE data-parallel all-reduce: one per step, after all micro-batches. It sums every
         # device's gradient; dividing by the count turns the sum into the mean over the batch.
         # Gradients of 'model'-split weights stay split: each device reduces only its shard.
-        loss, grads = jax.lax.psum((loss, grads), 'data')
+        # FSDP's weights are left out: their gradients were reduce-scattered already, per
+        # micro-batch (the transpose of the all-gathers in model.value).
+        loss, summed = jax.lax.psum((loss, jax.tree.map(lambda g, s: None if 'data' in s else g, grads, specs)), 'data')
+        grads = jax.tree.map(lambda r, g: g if r is None else r, summed, grads, is_leaf=lambda r: r is None)
         return jax.tree.map(lambda g: g / (n_data * n_micro), (loss, grads))
 
     grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, P('data'), P()),
@@ -174,54 +180,181 @@ def make_train_step(graphdef, specs, mesh, tx, cfg):
     return step
 
 
-def make_loss(graphdef, specs, mesh, dtype):
-    """Returns loss(params, batch) -> mean loss over the batch, for evaluation (no dropout)."""
+def make_loss(graphdef, specs, mesh, dtype, n_micro=1):
+    """Returns loss(params, batch) -> mean loss over the batch, for evaluation (no dropout), one
+    micro-batch of it at a time, as training."""
 
     def local_loss(params, batch):
-        loss = nnx.merge(graphdef, params).loss(batch[:, :-1], batch[:, 1:])
+        micro = batch.reshape(n_micro, -1, batch.shape[-1])  # (n_micro, B/data/n_micro, T+1)
+        loss = jax.lax.map(lambda b: nnx.merge(graphdef, params).loss(b[:, :-1], b[:, 1:]), micro).mean()
         return jax.lax.pmean(loss, 'data')  # each shard saw B/data sequences; average them
 
     f = jax.shard_map(local_loss, mesh=mesh, in_specs=(specs, P('data')), out_specs=P())
     return jax.jit(lambda params, batch: f(cast(params, dtype), jax.sharding.reshard(batch, P('data'))))
 
 
-def make_logits(graphdef, specs, mesh, dtype):
-    """Returns logits(params, idx (B, T)) -> (B, T, padded_vocab) float32, for sampling.
+def quantize(params, mesh):
+    """int8 weight-only quantization of the layers' four matmul kernels, (L, in, out...) each, for
+    sampling: model.Int8 values and a float32 scale per output channel, max |w| / 127 over the
+    input rows. The input rows are cut into as many groups as the model axis has devices, so each
+    device's shard of a row-parallel kernel has its own scales and every layout stays as written."""
+    h = params['h']
+    for module, name in (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj')):
+        w = np.asarray(jax.device_get(h[module][name][...]), np.float32)
+        g = w.reshape(w.shape[0], mesh.shape['model'], -1, *w.shape[2:])  # (L, groups, in/groups, out...)
+        scale = np.maximum(np.abs(g).max(2), 1e-30) / 127  # (L, groups, out...)
+        q = np.round(g / scale[:, :, None]).astype(np.int8).reshape(w.shape)
+        sharding = h[module][name][...].sharding
+        h[module][name].set_value(Int8(jax.device_put(q, sharding), jax.device_put(scale, sharding)))
+    return params
 
-    The batch is small and replicated; the weights stay split over 'model'."""
-    f = jax.shard_map(lambda p, idx: nnx.merge(graphdef, p)(idx)[0], mesh=mesh,
-                      in_specs=(specs, P()), out_specs=P())
-    return jax.jit(lambda params, idx: f(cast(params, dtype), idx))
+
+# --- sampling: a KV cache filled by one pass over the prompt, then one token per step ---------
+
+CACHE = P(None, None, None, 'model', None)  # (L, N, S, heads, head_dim): heads split, as attention's
 
 
-# --- sampling ---------------------------------------------------------------------------------
+def pick(logits, key, temperature, top_k, top_p):
+    """(N, vocab) float32 logits -> (N,) next ids. temperature 0 is greedy; top_k keeps the k most
+    likely tokens (0: all); top_p keeps the fewest whose probabilities add up to top_p (nucleus)."""
+    if temperature == 0:
+        return jnp.argmax(logits, -1)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1:
+        ranked = jnp.sort(logits, -1)[:, ::-1]  # descending
+        p = jax.nn.softmax(ranked, -1)
+        keep = jnp.sum(jnp.cumsum(p, -1) - p < top_p, -1)  # tokens whose mass before them is < top_p
+        logits = jnp.where(logits < jnp.take_along_axis(ranked, keep[:, None] - 1, -1), -jnp.inf, logits)
+    return jax.random.categorical(key, logits)
 
-def generate(logits_fn, params, prompt, max_new_tokens, block_size, vocab_size,
-             temperature=1.0, top_k=None, key=None, num_samples=1):
-    """Autoregressive sampling. prompt: list of token ids -> (num_samples, len + new) ids.
 
-    Each step runs the model on a fixed (num_samples, block_size) window, so it compiles once:
-    the context is left-aligned and padded on the right, and causal attention guarantees the
-    padding never affects the position we read (pos). Past block_size the window slides."""
+def make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=1.0, top_k=0, top_p=1.0):
+    """Returns generate(params, prompt, max_new_tokens, key, num_samples=1, cached=True), which
+    yields (next ids (N,), their logits (N, vocab)) once per new token, continuing `prompt` (ids).
 
-    @jax.jit
-    def next_token(params, window, pos, key):  # window (N, T) int32 -> (N,) next ids
-        logits = logits_fn(params, window)[:, pos, :vocab_size] / temperature  # drop the padding
-        if top_k:  # keep the k most likely tokens, renormalize over them
-            kth = jax.lax.top_k(logits, min(top_k, vocab_size))[0][:, -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        return jax.random.categorical(key, logits)
+    With the cache, one pass over the prompt fills it, then each step runs the model on the
+    newest token alone, at its position, reading every earlier token's keys and values from the
+    cache. The context is block_size tokens: when the cache is full, the newest half of the text
+    refills it as a new prompt (the position embeddings are absolute, so shifting it means
+    recomputing it) and decoding goes on. cached=False reruns the newest block_size tokens for
+    every token, as a model without a cache must: the same tokens, to test and time against."""
 
-    key = jax.random.key(0) if key is None else key
-    ids = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))  # (N, t)
-    for i in range(max_new_tokens):
-        context = ids[:, -block_size:]
-        window = np.zeros((num_samples, block_size), np.int32)
-        window[:, :context.shape[1]] = context
-        nxt = next_token(params, window, context.shape[1] - 1, jax.random.fold_in(key, i))
-        ids = np.concatenate([ids, np.asarray(nxt)[:, None]], axis=1)
-    return ids
+    def local(params, idx, cache, start, last, key, i):  # idx (N, T): the tokens at start..start+T-1
+        logits, cache = nnx.merge(graphdef, params)(idx, cache=cache, start=start)
+        logits = logits[:, last, :cfg.vocab_size]  # (N, vocab) at idx[:, last], the padding dropped
+        return pick(logits, jax.random.fold_in(key, i), temperature, top_k, top_p), logits, cache  # i: the token's number
 
+    # The model axis splits the cache by heads; the samples are replicated over 'data'.
+    f = jax.shard_map(local, mesh=mesh, in_specs=(specs, P(), CACHE, P(), P(), P(), P()), out_specs=(P(), P(), CACHE))
+    step = jax.jit(f, donate_argnums=(2,))  # the cache is updated in place
+    S = cfg.block_size
+
+    def generate(params, prompt, max_new_tokens, key, num_samples=1, cached=True):
+        shape = (cfg.n_layer, num_samples, S, cfg.n_head, cfg.n_embd // cfg.n_head)
+        cache = tuple(jnp.zeros(shape, dtype, device=jax.NamedSharding(mesh, CACHE)) for _ in 'kv')
+        ids = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))  # (N, t)
+        params, n = cast(params, dtype), 0  # n: tokens in the cache, at positions 0..n-1
+        for i in range(max_new_tokens):
+            if cached and 0 < n < S:  # decode: the newest token, at position n
+                nxt, logits, cache = step(params, ids[:, -1:], cache, n, 0, key, i)
+                n += 1
+            else:  # prefill from the newest n tokens: the prompt, or half of a full cache
+                n = min(ids.shape[1], S // 2 if cached and n else S)
+                T = min(S, 1 << (n - 1).bit_length()) if cached else S  # few shapes, few compilations
+                window = np.zeros((num_samples, T), np.int32)  # causal: the padding after n is never read
+                window[:, :n] = ids[:, -n:]
+                nxt, logits, cache = step(params, window, cache, 0, n - 1, key, i)
+            ids = np.concatenate([ids, np.asarray(nxt, np.int32)[:, None]], 1)
+            yield ids[:, -1], logits
+
+    return generate
+
+
+# --- GPT-2's own weights, in Hugging Face's layout: config.json and model.safetensors ----------
+
+# Hugging Face's names for layer i's tensors (h.{i}.NAME) -> ours, in the stacked layers GPT.h.
+# Its Conv1D weights are (in, out), as ours; only the fused q/k/v is reshaped, (C, 3C) <-> (C, 3, C).
+HF_LAYER = {'ln_1.weight': ('ln_1', 'scale'), 'ln_1.bias': ('ln_1', 'bias'),
+            'attn.c_attn.weight': ('attn', 'c_attn'), 'attn.c_attn.bias': ('attn', 'c_attn_bias'),
+            'attn.c_proj.weight': ('attn', 'c_proj'), 'attn.c_proj.bias': ('attn', 'c_proj_bias'),
+            'ln_2.weight': ('ln_2', 'scale'), 'ln_2.bias': ('ln_2', 'bias'),
+            'mlp.c_fc.weight': ('mlp', 'c_fc'), 'mlp.c_fc.bias': ('mlp', 'c_fc_bias'),
+            'mlp.c_proj.weight': ('mlp', 'c_proj'), 'mlp.c_proj.bias': ('mlp', 'c_proj_bias')}
+# What a config.json must say (or leave out) for this model to compute its function
+HF_FIXED = dict(model_type='gpt2', activation_function='gelu_new', layer_norm_epsilon=1e-5,
+                scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                reorder_and_upcast_attn=False, tie_word_embeddings=True)
+
+
+def hf_shape(name, s):  # our per-layer shape -> Hugging Face's
+    return (s[0], s[1] * s[2]) if name == 'c_attn' else (s[0] * s[1],) if name == 'c_attn_bias' else tuple(s)
+
+
+def to_hf(params, cfg):
+    """params (an nnx.State, on any mesh) -> {Hugging Face name: float32 numpy array}."""
+    p = jax.device_get(nnx.to_pure_dict(params))  # nested dicts of whole (gathered) arrays
+    out = {'wte.weight': p['wte'][:cfg.vocab_size], 'wpe.weight': p['wpe'],  # the vocab padding dropped
+           'ln_f.weight': p['ln_f']['scale'], 'ln_f.bias': p['ln_f']['bias']}
+    for hf, (module, name) in HF_LAYER.items():
+        for i, a in enumerate(p['h'][module][name]):
+            out[f'h.{i}.{hf}'] = a.reshape(hf_shape(name, a.shape))
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def hf_config(folder):
+    """config.json -> (the GPTConfig fields it sets, the tokenizer), or a ValueError naming what
+    this model cannot express."""
+    try:
+        c = json.loads((Path(folder) / 'config.json').read_text())
+        inner = c.get('n_inner') and 4 * c['n_embd']  # None means 4 * n_embd, the only width here
+        for k, want in {**HF_FIXED, 'n_inner': inner}.items():
+            if c.get(k, want) != want:
+                raise ValueError(f"{folder}/config.json has {k}={c[k]!r}, but this model is GPT-2, with {k}={want!r}")
+        return dict(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['n_positions'],
+                    vocab_size=c['vocab_size'], bias=True), c.get('jaxgpt_tokenizer', 'gpt2')
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--init_from={folder}: no usable config.json ({type(e).__name__}: {e}): pass a "
+                         "folder holding GPT-2's config.json and model.safetensors") from None
+
+
+def from_hf(folder, params, cfg):
+    """folder/model.safetensors -> params (same shapes, dtypes, shardings), or a ValueError naming
+    a missing, unexpected or misshapen tensor. A longer wpe is cropped to cfg.block_size."""
+    t = {k.removeprefix('transformer.'): v for k, v in read_safetensors(Path(folder) / 'model.safetensors').items()
+         if not k.endswith(('.attn.bias', '.attn.masked_bias', 'lm_head.weight'))}  # mask buffers; tied head
+    p, C = nnx.to_pure_dict(params), cfg.n_embd
+    shapes = {'wte.weight': (cfg.vocab_size, C), 'wpe.weight': (cfg.block_size, C), 'ln_f.weight': (C,), 'ln_f.bias': (C,)}
+    shapes.update({f'h.{i}.{hf}': hf_shape(name, p['h'][m][name].shape[1:])
+                   for hf, (m, name) in HF_LAYER.items() for i in range(cfg.n_layer)})
+    if 'wpe.weight' in t:
+        t['wpe.weight'] = t['wpe.weight'][:cfg.block_size]
+    for problem, names in (('lacks', shapes.keys() - t.keys()), ('has unexpected', t.keys() - shapes.keys())):
+        if names:
+            raise ValueError(f"{folder}/model.safetensors {problem} tensors {', '.join(sorted(names)[:3])}"
+                             f"{' ...' if len(names) > 3 else ''}: is it a GPT-2 saved by Hugging Face?")
+    for k, shape in shapes.items():
+        if t[k].shape != shape:
+            raise ValueError(f"{folder}/model.safetensors: {k} is {t[k].shape}, but config.json implies {shape}")
+    new = {'wte': np.pad(t['wte.weight'], [(0, cfg.padded_vocab - cfg.vocab_size), (0, 0)]),  # zero rows, never read
+           'wpe': t['wpe.weight'], 'ln_f': {'scale': t['ln_f.weight'], 'bias': t['ln_f.bias']}, 'h': {}}
+    for hf, (m, name) in HF_LAYER.items():
+        new['h'].setdefault(m, {})[name] = np.stack([t[f'h.{i}.{hf}'] for i in range(cfg.n_layer)]).reshape(p['h'][m][name].shape)
+    state = jax.tree.map(lambda x: x, params)  # a copy to fill: nested like params, numpy leaves
+    nnx.replace_by_pure_dict(state, new)
+    return jax.tree.map(put, state, params)
+
+
+def export_hf(folder, params, cfg, tokenizer):
+    """Write params as GPT-2 in Hugging Face's layout: transformers' GPT2LMHeadModel loads it."""
+    config = dict(HF_FIXED, architectures=['GPT2LMHeadModel'], n_layer=cfg.n_layer, n_head=cfg.n_head,
+                  n_embd=cfg.n_embd, n_positions=cfg.block_size, vocab_size=cfg.vocab_size,
+                  bos_token_id=get_tokenizer(tokenizer).eot, eos_token_id=get_tokenizer(tokenizer).eot,
+                  jaxgpt_tokenizer=tokenizer)  # which of data.py's tokenizers it reads
+    write_safetensors(Path(folder) / 'model.safetensors', to_hf(params, cfg))
+    atomic_write(Path(folder) / 'config.json', lambda f: f.write(json.dumps(config, indent=2).encode()))
 
 
 # --- checkpoints: gathered from all devices into one .npz, placed back onto any mesh -----------
@@ -231,10 +364,11 @@ def save(path, tree, meta):
     No pickle anywhere: bf16 is stored as its uint16 bits, the dict as UTF-8 JSON bytes."""
     arrays = {}
     for path_, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = np.asarray(jax.device_get(x))  # gathers the shards of every device
+        a = np.asarray(process_allgather(x, tiled=True))  # the shards of every device, of every process
         arrays[jax.tree_util.keystr(path_)] = a.view(np.uint16) if a.dtype == jnp.bfloat16 else a
     arrays['__meta__'] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    if jax.process_index() == 0:  # one writer
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def read(path):
@@ -243,9 +377,17 @@ def read(path):
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         return arrays, json.loads(arrays.pop('__meta__').tobytes())
+    except FileNotFoundError:  # listed a moment ago: something else deletes checkpoints here
+        raise ValueError(f"checkpoint {path} vanished while it was being read: is another program "
+                         "deleting checkpoints in that folder?") from None
     except Exception as e:  # truncated zip, bad CRC, missing meta, bad JSON: all the same to the user
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): "
                          "delete it to resume from an earlier one") from None
+
+
+def put(a, like):  # numpy -> like's dtype and sharding: each device, of every process, takes its shard
+    a = np.asarray(a, like.dtype)
+    return jax.make_array_from_callback(a.shape, like.sharding, lambda index: a[index])
 
 
 def place(arrays, template):
@@ -259,6 +401,5 @@ def place(arrays, template):
         if a is None or a.shape != t.shape:
             raise ValueError(f"the checkpoint's {key} has shape {None if a is None else a.shape}, "
                              f"the model's {t.shape}: pass the model flags it was trained with")
-        a = a.view(jnp.bfloat16) if a.dtype == np.uint16 else a
-        out.append(jax.device_put(a.astype(t.dtype), t.sharding))  # each device takes its shard
+        out.append(put(a.view(jnp.bfloat16) if a.dtype == np.uint16 else a, t))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,9 +28,11 @@ import pytest
 
 import data
 import model
+import sample
 import shard
 import train
 from model import GPTConfig
+from jax.sharding import PartitionSpec as P
 
 HERE = Path(__file__).parent
 CFG = GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=8, n_embd=64)
@@ -58,8 +61,8 @@ def grads_on(spec, cfg=CFG, dtype=jnp.float32, batch=None, apply=None, **kw):
         graphdef, params, specs = shard.init_params(cfg, mesh, 0, dtype)
         batch = tokens(0) if batch is None else batch
         loss, grads = shard.make_grads(graphdef, specs, mesh, tc)(params, batch, jax.random.key(0))
-        given = grads if apply is None else jax.tree.map(  # the same gradients, on this mesh
-            lambda g, p: jax.device_put(g, p.sharding), apply, params)
+        given = grads if apply is None else jax.tree.unflatten(  # the same gradients, on this mesh
+            jax.tree.structure(params), [jax.device_put(g, p.sharding) for g, p in zip(jax.tree.leaves(apply), jax.tree.leaves(params))])
         tx, _ = shard.make_optimizer(tc, params)
         update = jax.jit(lambda p, g: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))
         return jax.device_get((loss, grads, update(params, given)))
@@ -74,11 +77,21 @@ def assert_close(a, b, rel=1e-5):
 
 # --- the model ----------------------------------------------------------------------------------
 
+def nnx_pure(params):  # an nnx.State as nested dicts of arrays
+    return model.nnx.to_pure_dict(params)
+
+
+def full_logits(graphdef, specs, mesh, params, idx):  # (B, T) -> (B, T, vocab), no cache
+    f = jax.shard_map(lambda p, i: model.nnx.merge(graphdef, p)(i)[0], mesh=mesh, in_specs=(specs, P()),
+                      out_specs=P())
+    return np.asarray(jax.jit(f)(params, idx))[..., :CFG.vocab_size]
+
+
 def logits_on_1x1(idx):
     mesh = mesh_of('data=1,model=1')
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
-        return np.asarray(shard.make_logits(graphdef, specs, mesh, 'float32')(params, idx))
+        return full_logits(graphdef, specs, mesh, params, idx)
 
 
 def test_causal():
@@ -127,6 +140,30 @@ def test_sharded_equals_unsharded(spec, reference):
     assert_close(params, ref_params, rel=1e-6)
 
 
+@pytest.mark.parametrize('spec', ['data=8,model=1', 'data=4,model=2'])
+def test_fsdp_equals_unsharded(spec, reference):
+    """--fsdp splits weights over 'data' too: with 2 micro-batches (each gathers and scatters),
+    the loss, gradients and an optimizer step equal the 1x1 mesh's, and each device holds
+    1/data of every weight FSDP splits (and those are nearly all the bytes)."""
+    n_data = int(spec.split(',')[0][-1])
+    cfg = dataclasses.replace(CFG, fsdp=n_data)
+    ref_loss, ref_grads, ref_params = reference
+    loss, grads, params = grads_on(spec, cfg=cfg, apply=ref_grads, grad_accum=2)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert_close(grads, ref_grads)
+    assert_close(params, ref_params, rel=1e-6)
+    mesh = mesh_of(spec)
+    with jax.set_mesh(mesh):
+        _, params, specs = shard.init_params(cfg, mesh, 0, jnp.float32)
+        opt_state = jax.jit(shard.make_optimizer(tcfg(), params)[0].init)(params)
+    split = [(x, s) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(specs)) if 'data' in s]
+    for x, s in split:
+        assert x.addressable_shards[0].data.size == x.size // n_data // (mesh.shape['model'] if 'model' in s else 1)
+    assert sum(x.nbytes for x, _ in split) > 0.95 * sum(x.nbytes for x in jax.tree.leaves(params))
+    for tree in (params, opt_state):  # weights, and Adam's moments: 1/data of the bytes per device, or less
+        assert shard.per_device_bytes(tree) < 1.1 * sum(x.nbytes for x in jax.tree.leaves(tree)) / n_data
+
+
 def test_accumulation_equals_one_big_batch():
     loss1, grads1, _ = grads_on('data=2,model=4', grad_accum=1)
     loss4, grads4, _ = grads_on('data=2,model=4', grad_accum=4)  # 4 micro-batches of 2 per device
@@ -148,8 +185,15 @@ def test_weight_decay_only_on_matrices():
 
 
 def replica_groups(line):
-    """The device groups of an HLO collective, from either way XLA prints them:
-    {{0,2,4,6},{1,3,5,7}}, or as an iota, [2,4]<=[4,2]T(1,0)."""
+    """The device groups of an HLO collective, from any of the ways XLA prints them:
+    {{0,2,4,6},{1,3,5,7}}; as an iota, [2,4]<=[4,2]T(1,0); by mesh axes, mesh['data'=4,'model'=2] {'data'}."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
+    if m:  # the groups run along the named axes, one group per position on the others
+        axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+        names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+        over = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(2))]
+        ids = np.arange(math.prod(sizes)).reshape(sizes).transpose([i for i in range(len(sizes)) if i not in over] + over)
+        return sorted(tuple(g) for g in ids.reshape(-1, math.prod(sizes[i] for i in over)).tolist())
     m = re.search(r'replica_groups=(\{[\d,{}]*\})', line)
     if m:
         return sorted(tuple(map(int, g.split(','))) for g in re.findall(r'\{([\d,]+)\}', m.group(1)))
@@ -163,6 +207,8 @@ def test_replica_groups_parser():
     assert replica_groups('x, replica_groups={{0,2,4,6},{1,3,5,7}}, y') == [(0, 2, 4, 6), (1, 3, 5, 7)]
     assert replica_groups('x, replica_groups=[2,4]<=[4,2]T(1,0), y') == [(0, 2, 4, 6), (1, 3, 5, 7)]
     assert replica_groups('x, replica_groups=[4,2]<=[8], y') == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert replica_groups("x, replica_groups=mesh['data'=4,'model'=2] {'data'}, y") == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    assert replica_groups("x, replica_groups=mesh['data'=4,'model'=2] {'model'}, y") == [(0, 1), (2, 3), (4, 5), (6, 7)]
 
 
 def test_remat_gives_the_same_gradients(reference):
@@ -221,6 +267,7 @@ def test_one_data_allreduce_per_step():
         graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
         f = shard.make_grads(graphdef, specs, mesh, tcfg(grad_accum=4))
         hlo = f.lower(params, tokens(0), jax.random.key(0)).compile().as_text()
+        jaxpr = jax.make_jaxpr(f)(params, tokens(0), jax.random.key(0)).jaxpr
     data_groups = sorted(tuple(col) for col in np.arange(8).reshape(4, 2).T.tolist())  # mesh columns
     where, computation, operands = [], None, 0
     for line in hlo.splitlines():
@@ -231,6 +278,22 @@ def test_one_data_allreduce_per_step():
             operands = line.split(' all-reduce')[0].count('f32[')  # the tuple it returns
     assert where == ['ENTRY'], where  # one, and not inside the scan's while loop
     assert operands == 1 + len(jax.tree.leaves(params))  # the loss and every gradient, together
+    # The same claim one level up, where no change in XLA's printing can hide it: in the jaxpr,
+    # the loss and every gradient are summed over 'data' outside the scan, and nothing inside it
+    sums = [(scope, n) for name, scope, n in collectives(jaxpr, 'data') if name.startswith('psum')]
+    assert all('shard_map' in s and 'scan' not in s for s, _ in sums), sums
+    assert sum(n for _, n in sums) == 1 + len(jax.tree.leaves(params))
+
+
+def collectives(jaxpr, axis, scope=()):
+    """(primitive, the primitives around it, operands) for each collective over `axis` in a jaxpr."""
+    for e in jaxpr.eqns:
+        if axis in e.params.get('axes', ()) or e.params.get('axis_name') in (axis, (axis,)):
+            yield e.primitive.name, scope, len(e.invars)
+        for v in e.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                if hasattr(getattr(sub, 'jaxpr', sub), 'eqns'):
+                    yield from collectives(getattr(sub, 'jaxpr', sub), axis, scope + (e.primitive.name,))
 
 
 # --- precision ----------------------------------------------------------------------------------
@@ -358,18 +421,196 @@ def test_named_download_checks_its_hash(tmp_path, monkeypatch):
     assert files[0].read_text() == 'To be, or not to be' * 100
 
 
-def test_sample_greedy_matches_argmax():
-    """Top-1 sampling picks the argmax of the model's full, unpadded forward pass at every step."""
-    mesh = mesh_of('data=1,model=1')
+# --- sampling -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('spec', ['data=1,model=1', 'data=4,model=2'])
+def test_kv_cache_equals_full_forward(spec):
+    """Greedy decoding with the cache gives the tokens of greedy decoding without it, and every
+    step's logits equal a full forward pass over the context, for prompts of several lengths."""
+    mesh = mesh_of(spec)
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
-        logits = shard.make_logits(graphdef, specs, mesh, 'float32')
-        out = shard.generate(logits, params, [1, 2, 3], 20, CFG.block_size, CFG.vocab_size,
-                              top_k=1, num_samples=2)
-        assert out.shape == (2, 23) and (out[0] == out[1]).all()
-        for t in range(3, 23):  # recompute each token from its own context (which slides past T)
-            context = out[:1, max(0, t - CFG.block_size):t]
-            assert np.argmax(np.asarray(logits(params, context))[0, -1, :CFG.vocab_size]) == out[0, t]
+        generate = shard.make_sampler(graphdef, specs, mesh, CFG, 'float32', temperature=0)
+        for t in (1, 5, 12):
+            prompt = tokens(t, (t,)).tolist()
+            n = CFG.block_size - t  # up to a full context
+            cached = list(generate(params, prompt, n, jax.random.key(0), num_samples=2))
+            uncached = list(generate(params, prompt, n, jax.random.key(0), num_samples=2, cached=False))
+            ids = np.stack([nxt for nxt, _ in cached], 1)  # (2, n)
+            np.testing.assert_array_equal(ids, np.stack([nxt for nxt, _ in uncached], 1))
+            full = full_logits(graphdef, specs, mesh, params, np.array([prompt + ids[0].tolist()]))[0]
+            np.testing.assert_allclose(np.stack([np.asarray(l[0]) for _, l in cached]),
+                                       full[t - 1:t - 1 + n], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_slides_past_the_context():
+    """Past block_size the cache is refilled with the newest half of the text: every token is the
+    argmax of a full forward pass over the context that rule gives."""
+    mesh = mesh_of('data=1,model=1')
+    S = CFG.block_size
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
+        generate = shard.make_sampler(graphdef, specs, mesh, CFG, 'float32', temperature=0)
+        ids = [3, 1, 4]
+        context = len(ids)
+        for nxt, _ in generate(params, ids, 3 * S, jax.random.key(0)):
+            expect = full_logits(graphdef, specs, mesh, params, np.array([ids[-context:]]))[0, -1].argmax()
+            assert nxt[0] == expect
+            ids.append(int(nxt[0]))
+            context = context + 1 if context < S else S // 2  # a full cache is refilled with half
+
+
+def test_top_k_and_top_p_stay_in_their_set():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 2, jnp.float32)
+    ranked = np.argsort(-np.asarray(logits), -1)
+    p = np.take_along_axis(np.asarray(jax.nn.softmax(logits)), ranked, -1)
+    nucleus = [set(ranked[i, :np.searchsorted(np.cumsum(p[i]), 0.6) + 1]) for i in range(4)]
+    pick = jax.jit(jax.vmap(shard.pick, in_axes=(None, 0, None, None, None)), static_argnums=(2, 3, 4))
+    keys = jax.random.split(jax.random.key(0), 500)
+    for top_k, top_p, allowed in ((5, 1.0, [set(r[:5]) for r in ranked]), (0, 0.6, nucleus)):
+        drawn = np.asarray(pick(logits, keys, 1.0, top_k, top_p))  # (500, 4)
+        for i in range(4):
+            assert set(drawn[:, i]) <= allowed[i] and len(set(drawn[:, i])) > 1
+    np.testing.assert_array_equal(shard.pick(logits, None, 0, 0, 1.0), ranked[:, 0])  # temperature 0
+
+
+@pytest.mark.parametrize('spec', ['data=1,model=1', 'data=4,model=2'])
+def test_int8_weights_within_half_a_step(spec):
+    """Each int8 weight dequantizes to within half its scale (max |w| / 127 of its output channel,
+    per model-axis group of input rows) of the float32 weight; the logits barely move."""
+    mesh = mesh_of(spec)
+    groups = mesh.shape['model']
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
+        before = jax.device_get(nnx_pure(params))
+        idx = tokens(1, (2, 16))
+        logits = full_logits(graphdef, specs, mesh, params, idx)
+        params = shard.quantize(params, mesh)
+        for module, name in (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj')):
+            w, int8 = before['h'][module][name], params['h'][module][name].get_value()
+            assert int8.q.dtype == jnp.int8
+            g = w.reshape(w.shape[0], groups, -1, *w.shape[2:])
+            scale = np.abs(g).max(2, keepdims=True) / 127
+            err = np.abs(g - np.asarray(int8.q).reshape(g.shape) * np.asarray(int8.scale)[:, :, None])
+            assert (err <= scale / 2 * (1 + 1e-5)).all() and err.max() > 0
+        quantized = full_logits(graphdef, specs, mesh, shard.cast(params, jnp.float32), idx)
+    assert np.abs(quantized - logits).max() < 0.02 * np.abs(logits).max()
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--temperature=-1', '--temperature=-1.0 must be >= 0'), ('--top_k=-5', '--top_k=-5 must be >= 0'),
+    ('--top_p=0', '--top_p=0.0 must be in (0, 1]'), ('--num_samples=0', '--num_samples=0 must be at least 1')])
+def test_bad_sampling_flags(flag, message, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        sample.main([flag, f'--out_dir={tmp_path}'])
+    assert e.value.code.startswith(f'sample.py: {message}') and not list(tmp_path.iterdir())
+
+
+# --- GPT-2's weights in Hugging Face's layout -------------------------------------------------
+
+HF_CFG = GPTConfig(block_size=16, vocab_size=250, n_layer=2, n_head=4, n_embd=32)  # 250: 6 padding rows
+
+
+def hf_folder(path, cfg=HF_CFG, seed=0):
+    """A GPT-2 as Hugging Face saves it, with random weights (and its causal-mask buffers)."""
+    rng = np.random.default_rng(seed)
+    C, L = cfg.n_embd, cfg.n_layer
+    shapes = {'wte.weight': (cfg.vocab_size, C), 'wpe.weight': (cfg.block_size, C), 'ln_f.weight': (C,), 'ln_f.bias': (C,)}
+    for i in range(L):
+        shapes.update({f'h.{i}.ln_1.weight': (C,), f'h.{i}.ln_1.bias': (C,), f'h.{i}.ln_2.weight': (C,),
+                       f'h.{i}.ln_2.bias': (C,), f'h.{i}.attn.c_attn.weight': (C, 3 * C), f'h.{i}.attn.c_attn.bias': (3 * C,),
+                       f'h.{i}.attn.c_proj.weight': (C, C), f'h.{i}.attn.c_proj.bias': (C,),
+                       f'h.{i}.mlp.c_fc.weight': (C, 4 * C), f'h.{i}.mlp.c_fc.bias': (4 * C,),
+                       f'h.{i}.mlp.c_proj.weight': (4 * C, C), f'h.{i}.mlp.c_proj.bias': (C,)})
+    t = {f'transformer.{k}': (rng.normal(size=s) * (0.3 if len(s) == 2 else 0.1) + k.endswith('ln_1.weight')).astype(np.float32)
+         for k, s in shapes.items()}
+    t.update({f'transformer.h.{i}.attn.bias': np.tril(np.ones((1, 1, cfg.block_size, cfg.block_size), np.float32)) for i in range(L)})
+    path.mkdir(parents=True, exist_ok=True)
+    data.write_safetensors(path / 'model.safetensors', t)
+    (path / 'config.json').write_text(json.dumps(dict(model_type='gpt2', activation_function='gelu_new', n_layer=L,
+        n_head=cfg.n_head, n_embd=C, n_positions=cfg.block_size, vocab_size=cfg.vocab_size, n_inner=None)))
+    return {k.removeprefix('transformer.'): v for k, v in t.items()}
+
+
+def gpt2_reference(t, idx, cfg=HF_CFG):
+    """GPT-2's forward pass as Hugging Face's modeling_gpt2 computes it, in numpy float64."""
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    ln = lambda x, p: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * t[p + '.weight'] + t[p + '.bias']
+    T, H = len(idx), cfg.n_head
+    x = t['wte.weight'][idx] + t['wpe.weight'][:T]
+    for i in range(cfg.n_layer):
+        h = f'h.{i}.'
+        q, k, v = np.split(ln(x, h + 'ln_1') @ t[h + 'attn.c_attn.weight'] + t[h + 'attn.c_attn.bias'], 3, -1)
+        q, k, v = (a.reshape(T, H, -1).transpose(1, 0, 2) for a in (q, k, v))  # (H, T, D)
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(q.shape[-1]) + np.triu(np.full((T, T), -np.inf), 1)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        y = ((a / a.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(T, -1)
+        x = x + y @ t[h + 'attn.c_proj.weight'] + t[h + 'attn.c_proj.bias']
+        u = ln(x, h + 'ln_2') @ t[h + 'mlp.c_fc.weight'] + t[h + 'mlp.c_fc.bias']
+        u = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))  # gelu_new
+        x = x + u @ t[h + 'mlp.c_proj.weight'] + t[h + 'mlp.c_proj.bias']
+    return ln(x, 'ln_f') @ t['wte.weight'].T  # the head is tied to the token embedding
+
+
+@pytest.mark.parametrize('spec', ['data=1,model=1', 'data=2,model=4'])
+def test_gpt2_weights_give_gpt2_logits(spec, tmp_path):
+    t = hf_folder(tmp_path)
+    mesh = mesh_of(spec)
+    fields, tokenizer = shard.hf_config(tmp_path)
+    assert GPTConfig(**fields) == HF_CFG and tokenizer == 'gpt2'
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(HF_CFG, mesh, 0, jnp.float32)
+        params = shard.from_hf(tmp_path, params, HF_CFG)
+        idx = tokens(3, (2, 16)) % HF_CFG.vocab_size
+        ours = full_logits(graphdef, specs, mesh, params, idx)[..., :HF_CFG.vocab_size]
+    for b in range(2):
+        np.testing.assert_allclose(ours[b], gpt2_reference(t, idx[b]), atol=1e-4, rtol=1e-4)
+
+
+def test_export_then_import_is_bit_exact(tmp_path):
+    """Params after a training step on a 2x4 mesh, exported and loaded back onto 1x1: every bit."""
+    mesh = mesh_of('data=2,model=4')
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(HF_CFG, mesh, 0, jnp.float32)
+        tx, _ = shard.make_optimizer(tcfg(), params)
+        params, _, _ = shard.make_train_step(graphdef, specs, mesh, tx, tcfg())(
+            params, jax.jit(tx.init)(params), tokens(0) % HF_CFG.vocab_size, jax.random.key(0))
+        shard.export_hf(tmp_path, params, HF_CFG, 'gpt2')
+        before = jax.device_get(params)
+    mesh = mesh_of('data=1,model=1')
+    with jax.set_mesh(mesh):
+        _, fresh, _ = shard.init_params(HF_CFG, mesh, 1, jnp.float32)
+        after = jax.device_get(shard.from_hf(tmp_path, fresh, HF_CFG))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+
+
+def break_folder(folder, how):
+    t = data.read_safetensors(folder / 'model.safetensors')
+    if how == 'missing':
+        del t['transformer.h.1.mlp.c_fc.bias']
+    if how == 'extra':
+        t['transformer.h.2.mlp.c_fc.bias'] = t['transformer.h.1.mlp.c_fc.bias']
+    if how == 'misshapen':
+        t['transformer.h.0.attn.c_proj.weight'] = t['transformer.h.0.attn.c_proj.weight'][:, :-1]
+    data.write_safetensors(folder / 'model.safetensors', t)
+    if how == 'config':
+        c = json.loads((folder / 'config.json').read_text())
+        (folder / 'config.json').write_text(json.dumps({**c, 'activation_function': 'relu'}))
+
+
+@pytest.mark.parametrize('how, message', [
+    ('missing', 'model.safetensors lacks tensors h.1.mlp.c_fc.bias'),
+    ('extra', 'model.safetensors has unexpected tensors h.2.mlp.c_fc.bias'),
+    ('misshapen', 'model.safetensors: h.0.attn.c_proj.weight is (32, 31), but config.json implies (32, 32)'),
+    ('config', "config.json has activation_function='relu', but this model is GPT-2")])
+def test_bad_gpt2_folder_one_line(how, message, tmp_path):
+    hf_folder(tmp_path)
+    break_folder(tmp_path, how)
+    mesh = mesh_of('data=1,model=1')
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=re.escape(message)):
+        _, params, _ = shard.init_params(HF_CFG, mesh, 0, jnp.float32)
+        shard.from_hf(tmp_path, params, GPTConfig(**shard.hf_config(tmp_path)[0]))
 
 
 # --- train.py and sample.py as a user runs them ---------------------------------------------------
@@ -460,6 +701,72 @@ def test_resume_on_another_mesh(corpus, tmp_path):
     np.testing.assert_allclose([b[s] for s in b], [a[s] for s in b], rtol=1e-5)
 
 
+def test_fsdp_checkpoint_resumes_either_way(corpus, tmp_path):
+    """A run saved with --fsdp resumes without it, and the other way round, with the losses of a
+    run that was never stopped (float32: FSDP's reduce-scatter adds in another order)."""
+    flags = ['--dtype=float32', '--mesh=data=2', '--max_iters=6', '--eval_interval=2']
+    assert cli('train.py', corpus, f'--out_dir={tmp_path / "a"}', *flags, devices=2).returncode == 0
+    for first, then in (('--fsdp', '--fsdp=False'), ('--fsdp=False', '--fsdp')):
+        out = tmp_path / first
+        r = cli('train.py', corpus, f'--out_dir={out}', *flags, first, devices=2)
+        assert r.returncode == 0, r.stderr
+        (out / 'ckpt_0000006.npz').unlink()  # resume from step 4
+        r = cli('train.py', corpus, f'--out_dir={out}', *flags, then, '--resume', devices=2)
+        assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr
+        a, b = losses(tmp_path / 'a'), losses(out)
+        assert sorted(b) == list(range(1, 7)) and all(abs(a[s] - b[s]) <= 1e-5 * a[s] for s in a)
+
+
+def test_two_processes_equal_one(corpus, tmp_path):
+    """2 processes of 4 devices, talking over localhost, train as 1 process of 8 with the same
+    mesh: the same loss at every step. Then one process resumes the 2-process run's checkpoint."""
+    flags = ['--mesh=data=4,model=2', '--max_iters=4', '--eval_interval=2']
+    assert cli('train.py', corpus, f'--out_dir={tmp_path / "one"}', *flags, devices=8).returncode == 0
+    with socket.socket() as s:  # a free port for process 0's coordinator
+        s.bind(('localhost', 0))
+        port = s.getsockname()[1]
+    procs = [cli('train.py', corpus, f'--out_dir={tmp_path / "two"}', *flags, f'--distributed=localhost:{port},2,{i}',
+                 devices=4, wait=False) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert 'val loss' in outs[0][0] and 'step' not in outs[1][0]  # process 0 alone prints
+    one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
+    assert sorted(two) == [1, 2, 3, 4] and all(abs(one[s] - two[s]) <= 1e-5 * one[s] for s in one)
+    (tmp_path / 'two' / 'ckpt_0000004.npz').unlink()
+    r = cli('train.py', corpus, f'--out_dir={tmp_path / "two"}', *flags, '--resume', devices=8)
+    assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr
+    resumed = losses(tmp_path / 'two')
+    assert sorted(resumed) == [1, 2, 3, 4] and all(abs(resumed[s] - two[s]) <= 1e-5 * two[s] for s in two)
+
+
+def test_one_run_per_out_dir(corpus, tmp_path):
+    """A second run on a live run's out_dir refuses, naming it; kill -9 frees the folder; a
+    checkpoint that vanishes as it is read is not called corrupt."""
+    first = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=5', wait=False)
+    try:
+        while not list(tmp_path.glob('ckpt_*.npz')):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.2)
+        r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=5', '--resume')
+        assert r.returncode != 0 and f'is in use by a live run (process {first.pid})' in r.stderr, r.stderr
+    finally:
+        first.kill()
+        first.wait()
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=5', '--resume', wait=False)
+    try:
+        while 'resumed from' not in r.stdout.readline():
+            assert r.poll() is None, r.stderr.read()
+    finally:
+        r.kill()
+        r.wait()
+    with pytest.raises(ValueError, match='vanished while it was being read'):
+        shard.read(tmp_path / 'ckpt_9999999.npz')
+
+
 def test_half_written_checkpoint_leaves_the_previous_one(corpus, tmp_path):
     r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=12', '--eval_interval=4')
     assert r.returncode == 0, r.stderr
@@ -516,8 +823,8 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(corpus, tmp_path):
     assert {k: v for k, v in snapshot(tmp_path).items() if 'ckpt' in k} == {k: v for k, v in before.items() if 'ckpt' in k}
 
 
-def snapshot(folder):
-    return {str(p): p.read_bytes() for p in Path(folder).rglob('*') if p.is_file()}
+def snapshot(folder):  # every file but the lock, which holds the pid of the last run to start
+    return {str(p): p.read_bytes() for p in Path(folder).rglob('*') if p.is_file() and p.name != 'lock'}
 
 
 @pytest.fixture(scope='module')
@@ -544,6 +851,7 @@ BAD = {  # flags -> what the one-line message must say
     'empty --data': (['--out_dir={fresh}', '--data='], "--data is empty: pass stdlib"),
     'unknown tokenizer': (['--out_dir={fresh}', '--tokenizer=sentencepiece'], "--tokenizer='sentencepiece' is not one of byte, gpt2"),
     'resume without checkpoint': (['--out_dir={fresh}', '--resume'], 'no checkpoint in'),
+    'init_from a folder without GPT-2': (['--out_dir={fresh}', '--init_from={fresh}'], 'no usable config.json'),
     'corrupt checkpoint': (['--out_dir={corrupt}', '--resume'], 'is corrupt or truncated'),
     'checkpoint of another shape': (['--resume', '--n_layer=3'], 'was trained with --n_layer=2'),
     'resume with another schedule': (['--resume', '--max_iters=9'], 'was trained with --max_iters=4'),

@@ -35,6 +35,8 @@ if sys.platform == 'linux':
 
 import jax
 import numpy as np
+from jax.experimental.multihost_utils import process_allgather
+from jax.sharding import PartitionSpec as P
 
 import data
 import shard
@@ -60,7 +62,9 @@ class Config:
     attention: str = ''  # xla | blockwise | cudnn; empty: cudnn on NVIDIA GPUs with bf16, else xla
     remat: str = 'none'  # recompute in the backward pass, to fit bigger batches: none | block | dots
     unroll: bool = None  # compile every layer, not one looped block; empty: on for CPU only
-    mesh: str = ''  # e.g. data=4,model=2; empty: every device on the data axis
+    mesh: str = ''  # e.g. data=4,model=2; empty: every device on the data axis, of every process
+    distributed: str = ''  # many processes: auto (SLURM, TPU pods, ...) or HOST:PORT,N,I (process 0's address, count, this id)
+    fsdp: bool = False  # also split weights, float32 masters and Adam's moments over the data axis
     # optimization
     batch_size: int = 32  # sequences per step, over all devices and micro-batches
     grad_accum: int = 1  # micro-batches per step, scanned in sequence
@@ -80,6 +84,8 @@ class Config:
     eval_iters: int = 10  # batches per validation estimate
     keep_checkpoints: int = 3
     resume: bool = False  # continue from the newest checkpoint in out_dir
+    init_from: str = ''  # start from GPT-2's weights: a folder with Hugging Face's config.json, model.safetensors
+    eval_only: bool = False  # print the val loss, perplexity and bits per byte over eval_iters batches, exit
     overwrite: bool = False  # start afresh in an out_dir that holds checkpoints, deleting them
     sample_tokens: int = 200  # printed at the end; 0 for none
     bench: bool = False  # time the step (compile, ms, tokens/s, MFU, memory), then exit
@@ -106,9 +112,9 @@ PRESETS = {
 }
 
 # Flags that say how or where to compute, not what: all others must match to --resume a run.
-HOW = {'cache_dir', 'dtype', 'attention', 'remat', 'unroll', 'mesh', 'grad_accum', 'out_dir',
+HOW = {'cache_dir', 'dtype', 'attention', 'remat', 'unroll', 'mesh', 'fsdp', 'distributed', 'grad_accum', 'out_dir',
        'log_interval', 'eval_interval', 'eval_iters', 'keep_checkpoints', 'resume', 'overwrite',
-       'sample_tokens', 'bench', 'profile', 'preset'}
+       'sample_tokens', 'bench', 'profile', 'preset', 'eval_only'}
 CHOICES = {'tokenizer': ('byte', 'gpt2'), 'dtype': ('bfloat16', 'float32'),
            'attention': ('xla', 'blockwise', 'cudnn'), 'remat': ('none', 'block', 'dots')}
 
@@ -124,22 +130,6 @@ def peak_flops(dtype):  # per device, or None where no data sheet applies (CPUs)
     return peaks[dtype == 'float32']
 
 
-def matmul_flops(dtype, n=2048):
-    """FLOP/s of one large matmul of the model's kind (bf16 in, float32 accumulation), best of 5:
-    what this CPU can do at most, to measure a step against."""
-    a = jax.numpy.ones((n, n), dtype)
-    f = jax.jit(lambda a: jax.numpy.dot(a, a, preferred_element_type=np.float32))
-    f(a).block_until_ready()
-    best = min(timed(lambda: f(a).block_until_ready()) for _ in range(5))
-    return 2 * n**3 / best
-
-
-def timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def main(argv):
     cfg = data.parse_flags(argv, Config(), PRESETS)
     try:
@@ -149,6 +139,14 @@ def main(argv):
 
 
 def run(cfg):
+    if cfg.distributed:  # JAX's multi-process runtime: from here on the devices are every process's
+        parts = [] if cfg.distributed == 'auto' else cfg.distributed.split(',')
+        if len(parts) not in (0, 3) or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"--distributed={cfg.distributed!r}: write auto, or HOST:PORT,N,I")
+        jax.distributed.initialize(*(parts[:1] + [int(p) for p in parts[1:]]))
+    if jax.process_index():  # every process computes; process 0 alone prints and writes
+        sys.stdout = open(os.devnull, 'w')
+
     # --- checks that must pass before anything is read or written -----------------------------
     for name, choices in CHOICES.items():  # an empty --attention means the backend's default
         value = getattr(cfg, name)
@@ -163,10 +161,18 @@ def run(cfg):
     gpu = jax.default_backend() == 'gpu'
     cfg.attention = cfg.attention or ('cudnn' if gpu and cfg.dtype == 'bfloat16' else 'xla')
     cfg.unroll = jax.default_backend() == 'cpu' if cfg.unroll is None else cfg.unroll
+    if cfg.init_from:  # the weights set the model's shape; the context may be cut (wpe is cropped)
+        fields, cfg.tokenizer = shard.hf_config(cfg.init_from)
+        if cfg.block_size > fields['block_size']:
+            raise ValueError(f"--block_size={cfg.block_size} is longer than {cfg.init_from}'s {fields['block_size']}")
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias = (fields[k] for k in ('n_layer', 'n_head', 'n_embd', 'bias'))
     tok = data.get_tokenizer(cfg.tokenizer)
-    model_cfg = GPTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
-                             if f.name != 'vocab_size'}, vocab_size=tok.vocab_size)
+    if cfg.init_from and fields['vocab_size'] != tok.vocab_size:
+        raise ValueError(f"{cfg.init_from} has a vocabulary of {fields['vocab_size']}, the {cfg.tokenizer} tokenizer {tok.vocab_size}")
     mesh = shard.make_mesh(cfg.mesh)
+    model_cfg = GPTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
+                             if f.name not in ('vocab_size', 'fsdp')}, vocab_size=tok.vocab_size,
+                          fsdp=mesh.shape['data'] if cfg.fsdp else 1)
     shard.check_divisible(model_cfg, mesh)
     per_step = mesh.shape['data'] * cfg.grad_accum
     if cfg.batch_size % per_step:
@@ -175,7 +181,7 @@ def run(cfg):
     ckpts = sorted(glob.glob(os.path.join(cfg.out_dir, 'ckpt_*.npz')))
     if cfg.resume and not ckpts:
         raise ValueError(f"--resume: no checkpoint in {cfg.out_dir}/: drop --resume to start a new run")
-    if ckpts and not cfg.resume and not cfg.overwrite and not cfg.bench:
+    if ckpts and not cfg.resume and not cfg.overwrite and not cfg.bench and not cfg.eval_only:
         raise ValueError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue, "
                          "another --out_dir, or --overwrite to delete them")
 
@@ -186,12 +192,19 @@ def run(cfg):
                          f"{tok.vocab_size}: pass the --tokenizer it was made with")
     train_batches = data.Batches(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, 'train')
     val_batches = data.Batches(val_tokens, cfg.block_size, cfg.batch_size, cfg.seed, 'val')
-    if not cfg.bench:
+    held = None  # the out_dir's lock, in process 0 of a run that writes there
+    if not cfg.bench and not cfg.eval_only:
         try:  # the first write to out_dir, once every input has been checked
             os.makedirs(cfg.out_dir, exist_ok=True)
             tempfile.TemporaryFile(dir=cfg.out_dir).close()  # can we write there? (leaves nothing)
         except OSError as e:
             raise ValueError(f"--out_dir={cfg.out_dir} cannot be written ({e.strerror}): choose another folder")
+        # One run per out_dir: its process 0 holds out_dir/lock as long as it lives
+        held, owner = data.lock(cfg.out_dir) if jax.process_index() == 0 else (None, None)
+        if process_allgather(np.int32(held is None)).ravel()[0]:
+            raise ValueError(f"{cfg.out_dir}/ is in use by a live run (process {owner or 'of process 0'}): "
+                             "let it finish, stop it, or pass another --out_dir")
+        ckpts = sorted(glob.glob(os.path.join(cfg.out_dir, 'ckpt_*.npz')))  # as of holding the lock
 
     # --- the model, sharded, and the optimizer ------------------------------------------------
     jax.set_mesh(mesh)
@@ -212,7 +225,10 @@ def run(cfg):
         step, cursor = meta['step'], meta['cursor']
         key = jax.random.wrap_key_data(np.array(meta['key'], np.uint32))
         print(f"resumed from {ckpts[-1]} at step {step}")
-    elif ckpts and not cfg.bench:  # --overwrite
+    elif cfg.init_from:
+        params = shard.from_hf(cfg.init_from, params, model_cfg)
+        print(f"loaded the weights of {cfg.init_from}")
+    if ckpts and not cfg.resume and cfg.overwrite and not cfg.bench and not cfg.eval_only and held:
         for f in ckpts:
             os.remove(f)
 
@@ -228,33 +244,51 @@ def run(cfg):
           f"({jax.devices()[0].device_kind})")
     print(f"model: {n_params / 1e6:.2f}M params ({n_params - cfg.block_size * cfg.n_embd:,} without position "
           f"embeddings), {cfg.dtype} compute, {shard.storage_dtype(vars(cfg))} params, {cfg.attention} attention, "
-          f"remat {cfg.remat}, layers {'unrolled' if cfg.unroll else 'scanned'}")
+          f"remat {cfg.remat}, layers {'unrolled' if cfg.unroll else 'scanned'}" + (', FSDP' if cfg.fsdp else ''))
     print(f"memory per device: params {shard.per_device_bytes(params) / 2**20:.1f} MiB, "
           f"optimizer state {shard.per_device_bytes(opt_state) / 2**20:.1f} MiB")
     print(f"data: {len(train_tokens):,} train and {len(val_tokens):,} val tokens; {tokens_per_step:,} tokens per step")
 
+    # Each process reads only the rows of a batch that its own devices hold ('data' splits the
+    # batch); JAX assembles the global array from every process's rows.
+    batch_sharding, shape = jax.NamedSharding(mesh, P('data')), (cfg.batch_size, cfg.block_size + 1)
+    mine = [i[0].indices(cfg.batch_size) for i in batch_sharding.addressable_devices_indices_map(shape).values()]
+    rows = slice(min(r[0] for r in mine), max(r[1] for r in mine))
+
+    def get(batches, cursor):  # -> the global (B, T+1) batch, split over 'data', and the next cursor
+        local, cursor = batches.get(cursor, rows)
+        return jax.make_array_from_process_local_data(batch_sharding, local, shape), cursor
+
+    eval_loss = shard.make_loss(graphdef, specs, mesh, cfg.dtype, cfg.grad_accum)
+
+    def evaluate():  # mean loss over eval_iters fixed batches
+        return float(np.mean(jax.device_get([eval_loss(params, get(val_batches, i * cfg.batch_size)[0])
+                                             for i in range(cfg.eval_iters)])))
+
+    if cfg.eval_only:  # bits per byte: the loss in bits, spread over the bytes of the text it predicted
+        loss = evaluate()
+        n_bytes = sum(tok.token_bytes[val_batches.get(i * cfg.batch_size)[0][:, 1:]].sum() for i in range(cfg.eval_iters))
+        n_tokens = cfg.eval_iters * tokens_per_step
+        return print(f"val loss {loss:.4f} | perplexity {np.exp(loss):.2f} | {loss * n_tokens / n_bytes / np.log(2):.4f} "
+                     f"bits per byte | over {cfg.eval_iters} batches: {n_tokens:,} tokens, {n_bytes:,} bytes of text")
+
     # The step, compiled ahead of time: compilation is reported once, not hidden in step one.
-    batch, _ = train_batches.get(cursor)
+    batch, _ = get(train_batches, cursor)
     t0 = time.perf_counter()
     train_step = shard.make_train_step(graphdef, specs, mesh, tx, cfg).lower(params, opt_state, batch, key).compile()
     print(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
-    eval_loss = shard.make_loss(graphdef, specs, mesh, cfg.dtype)
 
     def speed(seconds_per_step):  # the figures every log line and the benchmark share
         flops = flops_per_token * tokens_per_step / seconds_per_step
         mfu = f" ({flops / (peak * n_devices):.1%} MFU)" if peak else ''
-        mem = (jax.devices()[0].memory_stats() or {}).get('bytes_in_use')  # GPU and TPU only
+        mem = (jax.local_devices()[0].memory_stats() or {}).get('bytes_in_use')  # GPU and TPU only
         return (f"{seconds_per_step * 1000:7.1f} ms/step | {tokens_per_step / seconds_per_step:8.0f} tok/s | "
                 f"{flops / 1e12:.3g} TFLOP/s{mfu}" + (f" | {mem / 2**30:.1f} GiB in use" if mem else ''))
 
     if cfg.bench:
-        return benchmark(cfg, train_step, params, opt_state, train_batches, key, speed,
-                         flops_per_token * tokens_per_step, peak)
-
-    def evaluate():  # mean loss over eval_iters fixed batches, in chunks the size of a micro-batch
-        chunks = [c for i in range(cfg.eval_iters)
-                  for c in np.split(val_batches.get(i * cfg.batch_size)[0], cfg.grad_accum)]
-        return float(np.mean(jax.device_get([eval_loss(params, c) for c in chunks])))
+        import bench  # the timing loop, and on a CPU the matmul to measure against, live in bench.py
+        return bench.training(cfg, train_step, params, opt_state, lambda c: get(train_batches, c), key, speed,
+                              flops_per_token * tokens_per_step, peak)
 
     def save_checkpoint():
         meta = dict(step=step, cursor=cursor, key=jax.random.key_data(key).tolist(), config=vars(cfg),
@@ -262,22 +296,23 @@ def run(cfg):
         path = os.path.join(cfg.out_dir, f'ckpt_{step:07d}.npz')
         shard.save(path, {'params': params, 'opt': opt_state}, meta)
         for old in sorted(glob.glob(os.path.join(cfg.out_dir, 'ckpt_*.npz')))[:-cfg.keep_checkpoints]:
-            os.remove(old)
+            if held:  # process 0
+                os.remove(old)
         return path
 
     # metrics.jsonl: every step's loss. A resumed run first drops what was logged after its
     # checkpoint (a killed run logs steps it never saved), so each step appears once.
-    metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-    if cfg.resume and os.path.exists(metrics_path):
+    metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl') if held else os.devnull
+    if cfg.resume and held and os.path.exists(metrics_path):
         with open(metrics_path) as f:
             kept = [line for line in f if json.loads(line)['step'] <= step]
         data.atomic_write(metrics_path, lambda f: f.write(''.join(kept).encode()))
     metrics = open(metrics_path, 'a' if cfg.resume else 'w')
     log = lambda **kw: print(json.dumps(kw), file=metrics, flush=True)
 
-    # SIGTERM (pre-emption) and Ctrl-C: finish the step, log and check its loss, save, exit 0.
+    # SIGTERM (pre-emption) and Ctrl-C: at the next log step, check the losses, save, exit 0.
     # No evaluation: a pre-empted job has seconds, not the minutes a full evaluation can take.
-    stop = []
+    stop, stopping = [], False
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
 
@@ -287,7 +322,7 @@ def run(cfg):
     while step < cfg.max_iters:
         if cfg.profile and step == start_step + 3:  # after warm-up: three steps, then stop
             jax.profiler.start_trace(cfg.profile)
-        batch, cursor = train_batches.get(cursor)
+        batch, cursor = get(train_batches, cursor)
         params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(key, step))
         pending.append(loss)  # read back only at log time, so the host never waits on the device
         step += 1
@@ -296,7 +331,9 @@ def run(cfg):
             jax.profiler.stop_trace()
             print(f"wrote a profile of steps {step - 2}-{step} to {cfg.profile}/")
         at_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
-        if at_eval or stop or step % cfg.log_interval == 0:  # never save without checking the losses
+        if at_eval or step % cfg.log_interval == 0:  # never save without checking the losses
+            # every process stops at the same step: they agree here, where they wait anyway
+            stopping = process_allgather(np.int32(len(stop))).max() > 0
             losses = np.array(jax.device_get(pending))
             if not np.all(np.isfinite(losses)):
                 bad = step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))
@@ -311,7 +348,7 @@ def run(cfg):
                 log(step=step - len(losses) + 1 + i, loss=float(l))
             log(step=step, lr=lr, ms_per_step=dt * 1000)
             pending, t0 = [], time.perf_counter()
-        if stop:
+        if stopping:
             print(f"stopped by signal at step {step}; saved {save_checkpoint()}; resume with: "
                   f"python train.py --resume --out_dir={cfg.out_dir} (and the same flags)")
             return
@@ -323,51 +360,14 @@ def run(cfg):
             print(f"step {step:5d} | val loss {val:.4f} | saved {save_checkpoint()}")
             log(step=step, val_loss=val)
             t0 = time.perf_counter()  # evaluation and saving are not training time
-    peak_mem = (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use')  # GPU/TPU only
+    peak_mem = (jax.local_devices()[0].memory_stats() or {}).get('peak_bytes_in_use')  # GPU/TPU only
     print(f"trained {step - start_step} steps in {(time.perf_counter() - t_start) / 60:.1f} min"
           + (f"; peak device memory {peak_mem / 2**30:.2f} GiB" if peak_mem else ''))
 
     if cfg.sample_tokens:
-        logits_fn = shard.make_logits(graphdef, specs, mesh, cfg.dtype)
-        ids = shard.generate(logits_fn, params, [tok.eot], cfg.sample_tokens, cfg.block_size,
-                             tok.vocab_size, temperature=0.8, top_k=200, key=key)
-        print('sample:\n' + tok.decode(ids[0][1:]))
-
-
-def benchmark(cfg, train_step, params, opt_state, batches, key, speed, flops_per_step, peak,
-              warmup=3, steps=10):
-    """Time `steps` steps after `warmup`, reading the clock only once each step has finished."""
-    cursor, times = 0, []
-    for i in range(warmup + steps):
-        batch, cursor = batches.get(cursor)
-        t0 = time.perf_counter()
-        params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(key, i))
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
-    times = np.array(times[warmup:])
-    print(f"{steps} steps after {warmup} warm-up: median {speed(np.median(times))}; "
-          f"spread {times.min() * 1000:.1f}-{times.max() * 1000:.1f} ms")
-    if not peak:  # a CPU: measure its limit instead of looking one up
-        limit = matmul_flops(cfg.dtype)
-        print(f"a {cfg.dtype} 2048x2048 matmul runs at {limit / 1e9:.0f} GFLOP/s here; the step's model "
-              f"FLOPs ran at {flops_per_step / np.median(times) / limit:.0%} of that")
-    else:
-        print(f"MFU against {peak / 1e12:.0f} TFLOP/s per device ({jax.devices()[0].device_kind}, {cfg.dtype})")
-    stats = jax.devices()[0].memory_stats() or {}
-    if 'peak_bytes_in_use' in stats:
-        print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
-    else:  # no runtime statistics (CPU): what the compiled step reserves
-        m = train_step.memory_analysis()
-        print(f"device memory of the compiled step: {(m.temp_size_in_bytes + m.argument_size_in_bytes) / 2**30:.2f} "
-              f"GiB ({m.temp_size_in_bytes / 2**30:.2f} GiB temporary, the rest params, optimizer state, batch)")
-    if cfg.profile:
-        jax.profiler.start_trace(cfg.profile)
-        for i in range(3):
-            batch, cursor = batches.get(cursor)
-            params, opt_state, loss = train_step(params, opt_state, batch, key)
-        jax.block_until_ready(loss)
-        jax.profiler.stop_trace()
-        print(f"wrote a profile of 3 steps to {cfg.profile}/")
+        generate = shard.make_sampler(graphdef, specs, mesh, model_cfg, cfg.dtype, temperature=0.8, top_k=200)
+        ids = [int(nxt[0]) for nxt, _ in generate(params, [tok.eot], cfg.sample_tokens, key)]
+        print('sample:\n' + tok.decode(ids))
 
 
 if __name__ == '__main__':

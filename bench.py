@@ -1,0 +1,221 @@
+"""Benchmarks that back the README's claims; each subcommand prints one markdown table.
+
+    python bench.py attention   # temporary memory of the compiled step, xla vs blockwise attention
+    python bench.py remat       # GPT-2 124M: memory and ms/step with remat none, block, dots
+    python bench.py compile     # compile time in depth: layers scanned vs unrolled
+    python bench.py all         # the three, in that order
+
+Every figure is of the real training step, `shard.make_train_step` on a one-device 1x1 mesh as
+`train.py` builds it (float32 master weights, bf16 compute, AdamW). Memory comes from XLA's
+analysis of the compiled step (`memory_analysis()`: a CPU has no runtime memory statistics), so
+`attention` only compiles and can measure contexts this machine could never run.
+
+Needs: train.py (its malloc setting and Config), shard.py, model.py. Writes nothing.
+"""
+import dataclasses
+import glob
+import os
+import platform
+import sys
+import time
+
+import train  # first: it tunes malloc before jax loads, so times compare with `train.py --bench`
+
+import jax
+import numpy as np
+
+import data
+import shard
+from model import GPTConfig
+
+MiB = 2**20
+
+
+def machine():
+    try:  # platform.processor() is often empty on Linux; the kernel names the CPU
+        cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return (f"machine: {cpu}, {os.cpu_count()} CPUs; jax {jax.__version__} on "
+            f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})")
+
+
+def build(B, T, vocab=256, **flags):
+    """The training step as train.py builds it, at batch B and context T; flags are train.Config's
+    model fields (n_layer, attention, remat, unroll, ...). -> (jitted step, its arguments)."""
+    cfg = train.Config(batch_size=B, block_size=T, **flags)  # optimizer, dtype: train.py's defaults
+    model_cfg = GPTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
+                             if f.name != 'vocab_size'}, vocab_size=vocab)
+    mesh = shard.make_mesh('data=1,model=1', jax.devices()[:1])
+    jax.set_mesh(mesh)
+    graphdef, params, specs = shard.init_params(model_cfg, mesh, cfg.seed, shard.storage_dtype(vars(cfg)))
+    tx, _ = shard.make_optimizer(cfg, params)
+    batch = np.zeros((B, T + 1), np.int32)  # (B, T+1) token windows: inputs and shifted targets
+    args = (params, jax.jit(tx.init)(params), batch, jax.random.key(0))
+    return shard.make_train_step(graphdef, specs, mesh, tx, cfg), args
+
+
+def compiled(B, T, vocab=256, **flags):  # -> (compiled step, its arguments, lower+compile seconds)
+    step, args = build(B, T, vocab, **flags)
+    t0 = time.perf_counter()
+    exe = step.lower(*args).compile()
+    return exe, args, time.perf_counter() - t0
+
+
+# --- train.py --bench: the configured step --------------------------------------------------
+
+def matmul_flops(dtype, n=2048):
+    """FLOP/s of one large matmul of the model's kind (bf16 in, float32 accumulation), best of 5:
+    what this CPU can do at most, to measure a step against."""
+    a = jax.numpy.ones((n, n), dtype)
+    f = jax.jit(lambda a: jax.numpy.dot(a, a, preferred_element_type=np.float32))
+    f(a).block_until_ready()
+    best = min(timed(lambda: f(a).block_until_ready()) for _ in range(5))
+    return 2 * n**3 / best
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def training(cfg, train_step, params, opt_state, next_batch, key, speed, flops_per_step, peak,
+             warmup=3, steps=10):
+    """train.py --bench: time `steps` steps after `warmup`, reading the clock only once each step
+    has finished; then FLOP/s against the peak (or, on a CPU, a measured matmul), and memory."""
+    cursor, times = 0, []
+    for i in range(warmup + steps):
+        batch, cursor = next_batch(cursor)
+        t0 = time.perf_counter()
+        params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    times = np.array(times[warmup:])
+    print(f"{steps} steps after {warmup} warm-up: median {speed(np.median(times))}; "
+          f"spread {times.min() * 1000:.1f}-{times.max() * 1000:.1f} ms")
+    if not peak:  # a CPU: measure its limit instead of looking one up
+        limit = matmul_flops(cfg.dtype)
+        print(f"a {cfg.dtype} 2048x2048 matmul runs at {limit / 1e9:.0f} GFLOP/s here; the step's model "
+              f"FLOPs ran at {flops_per_step / np.median(times) / limit:.0%} of that")
+    else:
+        print(f"MFU against {peak / 1e12:.0f} TFLOP/s per device ({jax.devices()[0].device_kind}, {cfg.dtype})")
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+        print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    else:  # no runtime statistics (CPU): what the compiled step reserves
+        m = train_step.memory_analysis()
+        print(f"device memory of the compiled step: {(m.temp_size_in_bytes + m.argument_size_in_bytes) / 2**30:.2f} "
+              f"GiB ({m.temp_size_in_bytes / 2**30:.2f} GiB temporary, the rest params, optimizer state, batch)")
+    if cfg.profile:
+        jax.profiler.start_trace(cfg.profile)
+        for i in range(3):
+            batch, cursor = next_batch(cursor)
+            params, opt_state, loss = train_step(params, opt_state, batch, key)
+        jax.block_until_ready(loss)
+        jax.profiler.stop_trace()
+        print(f"wrote a profile of 3 steps to {cfg.profile}/")
+
+
+# --- the README's tables ------------------------------------------------------------------------
+
+def attention():
+    """Flash attention's point: the (B, H, T, T) scores, and their gradient, are never held. xla
+    keeps each layer's float32 probabilities for the backward: 768 MiB a layer at T=4096, 3 GiB at 8192."""
+    print("Temporary memory of the compiled training step (compiled, not run): 12 layers, 12 heads, "
+          "768 wide, vocab 256, B=1, bf16 compute; layers scanned (the default off CPU) or unrolled "
+          "(train.py's CPU default)\n")
+    print("| T | remat | layers | xla temp MiB | blockwise temp MiB | xla / blockwise | args MiB (params, Adam, batch) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for remat in ('none', 'block'):
+        for T in (4096, 8192):
+            for unroll in (False, True):
+                m = {a: compiled(1, T, n_layer=12, n_head=12, n_embd=768, attention=a, remat=remat,
+                                 unroll=unroll)[0].memory_analysis() for a in ('xla', 'blockwise')}
+                x, b = m['xla'].temp_size_in_bytes / MiB, m['blockwise'].temp_size_in_bytes / MiB
+                print(f"| {T} | {remat} | {'unrolled' if unroll else 'scanned'} | {x:,.0f} | {b:,.0f} | "
+                      f"{x / b:.1f}x | {m['xla'].argument_size_in_bytes / MiB:,.0f} |", flush=True)
+
+
+def remat(B=4, T=256, warmup=2, steps=3):
+    """Recomputation trades time for memory: 'block' keeps only each block's input, 'dots' also
+    keeps the matmul outputs and recomputes the elementwise rest."""
+    print(f"GPT-2 124M (12 layers, 12 heads, 768 wide, vocab 50257 padded to 50304), T={T}, B={B}, "
+          f"xla attention, bf16 compute; layers scanned, or unrolled (train.py's CPU default); "
+          f"ms/step: median of {steps} after {warmup} warm-up\n")
+    print("| layers | remat | temp MiB | args MiB | temp + args MiB | compile s | ms/step (spread) | tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for unroll in (False, True):
+        for r in ('none', 'block', 'dots'):
+            exe, (params, opt_state, batch, key), secs = compiled(
+                B, T, 50257, n_layer=12, n_head=12, n_embd=768, attention='xla', remat=r, unroll=unroll)
+            m, times = exe.memory_analysis(), []
+            for i in range(warmup + steps):  # the step donates params and opt_state: keep the new ones
+                jax.block_until_ready((params, opt_state))
+                t = time.perf_counter()
+                params, opt_state, loss = exe(params, opt_state, batch, jax.random.fold_in(key, i))
+                jax.block_until_ready(loss)
+                times.append(time.perf_counter() - t)
+            times = np.array(times[warmup:]) * 1000  # ms
+            temp, arg = m.temp_size_in_bytes / MiB, m.argument_size_in_bytes / MiB
+            print(f"| {'unrolled' if unroll else 'scanned'} | {r} | {temp:,.0f} | {arg:,.0f} | {temp + arg:,.0f} | "
+                  f"{secs:.1f} | {np.median(times):,.0f} ({times.min():,.0f}-{times.max():,.0f}) | "
+                  f"{B * T / np.median(times) * 1000:,.0f} |", flush=True)
+            del params, opt_state, exe  # free this step's buffers before the next is built
+
+
+def compile_time(depths=(6, 12, 24)):
+    """A scan over layers compiles one block whatever the depth; unrolled, XLA compiles each."""
+    print("Lower + compile of the training step: 4 heads, 256 wide, vocab 256, T=128, B=8 "
+          "(one small compile first, untimed, so no row pays for jax's start-up)\n")
+    compiled(8, 128, n_layer=1, n_head=4, n_embd=256, attention='xla', unroll=False)
+    print("| layers | scanned s | unrolled s | unrolled / scanned |")
+    print("| --- | --- | --- | --- |")
+    for L in depths:
+        s, u = (compiled(8, 128, n_layer=L, n_head=4, n_embd=256, attention='xla', unroll=un)[2]
+                for un in (False, True))
+        print(f"| {L} | {s:.1f} | {u:.1f} | {u / s:.1f}x |", flush=True)
+
+
+def sampling(out_dir='out', new_tokens=256, eval_batches=20):
+    """The KV cache, and int8 weights, on one checkpoint (train.py's default run: python train.py):
+    tokens/s of sample.py's sampler with and without the cache, and with int8 weights (one scale
+    per output channel, shard.quantize), the bytes of the weights and the validation loss."""
+    arrays, meta = shard.read(sorted(glob.glob(os.path.join(out_dir, 'ckpt_*.npz')))[-1])
+    cfg, tc = GPTConfig(**{**meta['model'], 'fsdp': 1}), meta['config']
+    mesh = shard.make_mesh('data=1,model=1', jax.devices()[:1])
+    jax.set_mesh(mesh)
+    graphdef, params, specs = shard.init_params(cfg, mesh, 0, shard.storage_dtype(tc))
+    params = shard.place(arrays, {'params': params})['params']
+    val = data.Batches(data.load_tokens(tc['data'], tc['tokenizer'], tc['cache_dir'])[1], cfg.block_size,
+                       tc['batch_size'], tc['seed'], 'val')
+    loss = shard.make_loss(graphdef, specs, mesh, tc['dtype'])
+    print(f"{out_dir}/ at step {meta['step']}: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
+          f"context {cfg.block_size}, {tc['dtype']} compute; {new_tokens} new tokens from a 1-token prompt, "
+          f"greedy, 1 sample; val loss over {eval_batches} batches of {tc['batch_size']}\n")
+    print("| weights | MiB | KV cache | tokens/s | val loss |")
+    print("| --- | --- | --- | --- | --- |")
+    for weights in ('float32', 'int8'):
+        if weights == 'int8':
+            params = shard.quantize(params, mesh)
+        generate = shard.make_sampler(graphdef, specs, mesh, cfg, tc['dtype'], temperature=0)
+        v = np.mean([loss(params, val.get(i * tc['batch_size'])[0]) for i in range(eval_batches)])
+        for cached in (True, False) if weights == 'float32' else (True,):
+            list(generate(params, [0], new_tokens, jax.random.key(0), 1, cached))  # compiles every shape
+            t = timed(lambda: jax.block_until_ready(list(generate(params, [0], new_tokens, jax.random.key(0), 1, cached))))
+            print(f"| {weights} | {shard.per_device_bytes(params) / MiB:.2f} | {'with' if cached else 'without'} | "
+                  f"{new_tokens / t:,.0f} | {v:.4f} |", flush=True)
+
+
+COMMANDS = {'attention': attention, 'remat': remat, 'compile': compile_time, 'sampling': sampling}
+
+if __name__ == '__main__':
+    names = sys.argv[1:] or ['all']
+    if len(names) != 1 or names[0] not in (*COMMANDS, 'all'):
+        sys.exit(f"usage: python bench.py {{{'|'.join(COMMANDS)}|all}}")
+    print(machine())
+    for name in (COMMANDS if names[0] == 'all' else names):
+        t0 = time.perf_counter()
+        print(f"\n## {name}\n")
+        COMMANDS[name]()
+        print(f"\n({name}: {time.perf_counter() - t0:.0f} s wall)")
