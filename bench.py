@@ -1,19 +1,23 @@
-"""Benchmarks that back the README's claims; each subcommand prints one markdown table.
+"""Benchmarks that back the README's figures; each subcommand prints the machine and one table.
 
     python bench.py attention   # temporary memory of the compiled step, xla vs blockwise attention
     python bench.py remat       # GPT-2 124M: memory and ms/step with remat none, block, dots
     python bench.py compile     # compile time in depth: layers scanned vs unrolled
     python bench.py all         # the three, in that order
+    python bench.py sampling [OUT_DIR]   # a checkpoint: tokens/s with and without the KV cache, int8
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench.py memory [MESH]  # FSDP's memory
 
-Every figure is of the real training step, `shard.make_train_step` on a one-device 1x1 mesh as
-`train.py` builds it (float32 master weights, bf16 compute, AdamW). Memory comes from XLA's
-analysis of the compiled step (`memory_analysis()`: a CPU has no runtime memory statistics), so
-`attention` only compiles and can measure contexts this machine could never run.
+`train.py --bench` calls `training` below on the configured step. The tables' figures are of the
+real training step, `shard.make_train_step` on a one-device 1x1 mesh as `train.py` builds it
+(float32 master weights, bf16 compute, AdamW). Memory comes from XLA's analysis of the compiled
+step (`memory_analysis()`: a CPU has no runtime memory statistics), so `attention` only compiles
+and can measure contexts this machine could never run.
 
-Needs: train.py (its malloc setting and Config), shard.py, model.py. Writes nothing.
+Needs: train.py (its malloc setting, Config, presets), shard.py, model.py, data.py. Writes nothing.
 """
 import dataclasses
 import glob
+import math
 import os
 import platform
 import sys
@@ -22,11 +26,13 @@ import time
 import train  # first: it tunes malloc before jax loads, so times compare with `train.py --bench`
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import data
 import shard
-from model import GPTConfig
+from flax import nnx
+from model import GPT, GPTConfig
 
 MiB = 2**20
 
@@ -164,6 +170,45 @@ def remat(B=4, T=256, warmup=2, steps=3):
             del params, opt_state, exe  # free this step's buffers before the next is built
 
 
+def changes(warmup=3, steps=5):
+    """What each CPU speed change bought (README: Performance): the step timed with the changes
+    switched on one at a time, in the order they were made, from none of them (the code before,
+    rebuilt here by swapping model.py's functions for the plain ones) to all (the code as it is)."""
+    import ctypes
+    import model
+    libc, kept = ctypes.CDLL('libc.so.6'), (model.attention, model.matmul, model.add_bias, model.gelu)
+    before = (lambda q, k, v, q_pos, k_pos, impl: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+              lambda spec, x, w, out=None: jnp.einsum(spec, x, w).astype(out or x.dtype),  # autodiff's backward
+              lambda y, b: y if b is None else y + b.astype(y.dtype),  # in bf16
+              lambda x: jax.nn.gelu(x, approximate=True))  # in bf16, every intermediate stored
+    steps_on = ['none: the code before', '+ mallopt keeps freed memory', '+ attention written out',
+                '+ bf16 matmuls with float32 accumulation both ways', '+ bias adds and GELU in float32',
+                '+ layers unrolled: the code as it is']
+    shapes = {'default (4/4/128, T=128, B=32)': dict(B=32, T=128, n_layer=4, n_head=4, n_embd=128),
+              "baby GPT (6/6/384, T=256, B=64)": dict(B=64, T=256, n_layer=6, n_head=6, n_embd=384)}
+    print(f"bf16 compute, float32 masters, xla attention, vocab 256; ms/step: median of {steps} after {warmup} warm-up\n")
+    print("| change | " + " | ".join(shapes) + " |")
+    print("| --- |" + " --- |" * len(shapes))
+    for n, name in enumerate(steps_on):
+        for option, on, off in ((-4, 0, 65536), (-1, -1, 128 * 1024)):  # M_MMAP_MAX, M_TRIM_THRESHOLD
+            libc.mallopt(option, on if n >= 1 else off)
+        model.attention, model.matmul, model.add_bias = (kept[i] if n >= s else before[i] for i, s in ((0, 2), (1, 3), (2, 4)))
+        model.gelu = kept[3] if n >= 4 else before[3]
+        row = []
+        for shape in shapes.values():
+            exe, (params, opt_state, batch, key), _ = compiled(**shape, attention='xla', unroll=n >= 5)
+            times = []
+            for i in range(warmup + steps):
+                t = time.perf_counter()
+                params, opt_state, loss = exe(params, opt_state, batch, jax.random.fold_in(key, i))
+                jax.block_until_ready(loss)
+                times.append(time.perf_counter() - t)
+            row.append(f"{np.median(times[warmup:]) * 1000:,.0f}")
+            del params, opt_state, exe
+        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
+    model.attention, model.matmul, model.add_bias, model.gelu = kept
+
+
 def compile_time(depths=(6, 12, 24)):
     """A scan over layers compiles one block whatever the depth; unrolled, XLA compiles each."""
     print("Lower + compile of the training step: 4 heads, 256 wide, vocab 256, T=128, B=8 "
@@ -189,16 +234,17 @@ def sampling(out_dir='out', new_tokens=256, eval_batches=20):
     params = shard.place(arrays, {'params': params})['params']
     val = data.Batches(data.load_tokens(tc['data'], tc['tokenizer'], tc['cache_dir'])[1], cfg.block_size,
                        tc['batch_size'], tc['seed'], 'val')
-    loss = shard.make_loss(graphdef, specs, mesh, tc['dtype'])
+    dtype = shard.storage_dtype(tc)  # as sample.py: the weights' own dtype
+    loss = shard.make_loss(graphdef, specs, mesh, dtype)
     print(f"{out_dir}/ at step {meta['step']}: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
-          f"context {cfg.block_size}, {tc['dtype']} compute; {new_tokens} new tokens from a 1-token prompt, "
+          f"context {cfg.block_size}, {dtype} compute; {new_tokens} new tokens from a 1-token prompt, "
           f"greedy, 1 sample; val loss over {eval_batches} batches of {tc['batch_size']}\n")
     print("| weights | MiB | KV cache | tokens/s | val loss |")
     print("| --- | --- | --- | --- | --- |")
     for weights in ('float32', 'int8'):
         if weights == 'int8':
             params = shard.quantize(params, mesh)
-        generate = shard.make_sampler(graphdef, specs, mesh, cfg, tc['dtype'], temperature=0)
+        generate = shard.make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=0)
         v = np.mean([loss(params, val.get(i * tc['batch_size'])[0]) for i in range(eval_batches)])
         for cached in (True, False) if weights == 'float32' else (True,):
             list(generate(params, [0], new_tokens, jax.random.key(0), 1, cached))  # compiles every shape
@@ -207,15 +253,37 @@ def sampling(out_dir='out', new_tokens=256, eval_batches=20):
                   f"{new_tokens / t:,.0f} | {v:.4f} |", flush=True)
 
 
-COMMANDS = {'attention': attention, 'remat': remat, 'compile': compile_time, 'sampling': sampling}
+def memory(spec='data=8,model=1'):
+    """Where FSDP puts the weights: bytes per device of the float32 params and Adam's state for GPT-2
+    124M and 350M, with and without --fsdp, from the arrays' shardings (jax.eval_shape: nothing is
+    allocated). XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench.py memory"""
+    mesh = shard.make_mesh(spec)
+    jax.set_mesh(mesh)
+    per_device = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape) if x.sharding else x.shape) * x.dtype.itemsize
+                                  for x in jax.tree.leaves(tree)) / MiB  # device 0's shards
+    print(f"mesh {dict(mesh.shape)}; MiB per device, float32 params and Adam's two moments\n")
+    print("| model | --fsdp | params MiB | optimizer state MiB | both |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in ('gpt2', 'gpt2-medium'):
+        cfg = train.Config(**train.PRESETS[name])
+        for fsdp in (1, mesh.shape['data']):
+            model_cfg = GPTConfig(cfg.block_size, 50257, cfg.n_layer, cfg.n_head, cfg.n_embd, fsdp=fsdp)
+            specs = nnx.get_partition_spec(nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))[1])
+            params = jax.eval_shape(lambda: jax.sharding.reshard(nnx.state(GPT(model_cfg, nnx.Rngs(0))), specs))
+            p, o = per_device(params), per_device(jax.eval_shape(shard.make_optimizer(cfg, params)[0].init, params))
+            print(f"| {name} | {'on' if fsdp > 1 else 'off'} | {p:,.1f} | {o:,.1f} | {p + o:,.1f} |", flush=True)
+
+
+COMMANDS = {'attention': attention, 'remat': remat, 'compile': compile_time, 'sampling': sampling,
+            'memory': memory, 'changes': changes}
 
 if __name__ == '__main__':
-    names = sys.argv[1:] or ['all']
-    if len(names) != 1 or names[0] not in (*COMMANDS, 'all'):
-        sys.exit(f"usage: python bench.py {{{'|'.join(COMMANDS)}|all}}")
+    name, args = (sys.argv[1:2] or ['all'])[0], sys.argv[2:]  # sampling takes an out_dir (default: out)
+    if name not in (*COMMANDS, 'all') or (args and name not in ('sampling', 'memory')):
+        sys.exit(f"usage: python bench.py {{{'|'.join(COMMANDS)}|all}}  (sampling [OUT_DIR], memory [MESH]; all: the first three)")
     print(machine())
-    for name in (COMMANDS if names[0] == 'all' else names):
+    for name in ('attention', 'remat', 'compile') if name == 'all' else [name]:
         t0 = time.perf_counter()
         print(f"\n## {name}\n")
-        COMMANDS[name]()
+        COMMANDS[name](*args)
         print(f"\n({name}: {time.perf_counter() - t0:.0f} s wall)")

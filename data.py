@@ -2,8 +2,7 @@
 
   tokenizer   'byte': the UTF-8 bytes, 256 ids, no file needed.
               'gpt2': GPT-2's BPE through tiktoken, built offline from the vendored gpt2.tiktoken.
-  --data      'stdlib' (default): the .py files of the running Python's standard library, about
-              12 MB of real text that every machine already has.
+  --data      'stdlib' (default): the running Python's standard library .py files, ~12 MB every machine has.
               'shakespeare': Tiny Shakespeare, downloaded once (the only network access).
               a text file, a folder, or a glob; or a folder holding nanoGPT's train.bin/val.bin.
 
@@ -27,13 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-
 class DataError(ValueError):
     """A problem with the user's data, reported as one line."""
 
-
 # --- flags: the command line is input too --------------------------------------------------
-
 def parse_flags(argv, cfg, presets):
     """--name=value for every field of the dataclass `cfg`; --flag alone means --flag=True."""
     names, prog = {f.name: f for f in dataclasses.fields(cfg)}, os.path.basename(sys.argv[0])
@@ -51,25 +47,20 @@ def parse_flags(argv, cfg, presets):
             sys.exit(f"{prog}: unknown flag {arg!r}: see --help for the flags")
         pairs.append((name, value if eq else 'True'))
     preset = dict(pairs).get('preset')
-    if preset is not None:
-        if preset not in presets:
-            sys.exit(f"{prog}: unknown preset {preset!r}: choose one of {', '.join(presets)}")
-        pairs = list(presets[preset].items()) + pairs
+    if preset is not None and preset not in presets:
+        sys.exit(f"{prog}: unknown preset {preset!r}: choose one of {', '.join(presets)}")
+    pairs = list(presets.get(preset, {}).items()) + pairs  # the preset's values, then the flags on top
     for name, value in pairs:
         kind = names[name].type
         try:
-            if kind is bool:
-                if str(value).lower() not in ('true', 'false', '1', '0'):
-                    raise ValueError
-                value = str(value).lower() in ('true', '1')
+            if kind is bool:  # bool('False') is True: read the word
+                value = {'true': True, 'false': False, '1': True, '0': False}[str(value).lower()]
             setattr(cfg, name, kind(value))
-        except ValueError:
+        except (ValueError, KeyError):
             sys.exit(f"{prog}: --{name}={value!r} is not a valid {kind.__name__}")
     return cfg
 
-
 # --- tokenizers --------------------------------------------------------------------------------
-
 class ByteTokenizer:
     vocab_size = 256
     eot = 0  # NUL never occurs in text, so it can mark the end of a document
@@ -81,10 +72,8 @@ class ByteTokenizer:
     def decode(self, ids):
         return bytes(int(i) for i in ids).decode('utf-8', errors='replace').replace('\0', '<|endoftext|>')
 
-
 # tiktoken's own sha256 for these ranks (its r50k_base; the 'gpt2' encoding has the same ranks)
 GPT2_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
-
 
 class GPT2Tokenizer:
     vocab_size = 50257
@@ -107,36 +96,24 @@ class GPT2Tokenizer:
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])
 
-
 def get_tokenizer(name):
     if name not in ('byte', 'gpt2'):
         raise DataError(f"--tokenizer={name!r} is unknown: use byte or gpt2")
     return ByteTokenizer() if name == 'byte' else GPT2Tokenizer()
 
-
 # --- datasets: a list of (name, text) documents, split into train and val ----------------------
-
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 
-
-def stdlib_files():
-    """The standard library's .py files, sorted, without test suites or installed packages."""
-    root = Path(sysconfig.get_paths()['stdlib'])
-    skip = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages'}
-    return root, sorted(p for p in root.rglob('*.py') if not skip & set(p.relative_to(root).parts[:-1]))
-
-
 def source_files(data, cache_dir):
     """--data -> (root, files). Raises DataError with the fix when there is nothing to read."""
-    if data == 'stdlib':
-        return stdlib_files()
-    if data == 'shakespeare':
-        path = Path(cache_dir) / 'shakespeare.txt'
-        if not path.exists():
-            download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
-        return path.parent, [path]
-    path = Path(data)
+    if data == 'stdlib':  # its .py files, without test suites or installed packages
+        root = Path(sysconfig.get_paths()['stdlib'])
+        skip = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages'}
+        return root, sorted(p for p in root.rglob('*.py') if not skip & set(p.relative_to(root).parts[:-1]))
+    path = Path(cache_dir) / 'shakespeare.txt' if data == 'shakespeare' else Path(data)
+    if data == 'shakespeare' and not path.exists():
+        download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
     if path.is_file():
         return path.parent, [path]
     if path.is_dir():  # every file, but those under a hidden name (.git/, .venv/ ...)
@@ -146,7 +123,6 @@ def source_files(data, cache_dir):
     if not files:
         raise DataError(f"--data={data!r}: no such file, folder or glob match: check the path")
     return Path(os.path.commonpath([p.parent for p in files])), files
-
 
 def download(url, path, sha256):
     print(f"downloading {url} (once) ...")
@@ -159,7 +135,6 @@ def download(url, path, sha256):
         raise DataError(f"{url} gave a file whose sha256 is not {sha256}: nothing was saved; try again later")
     atomic_write(path, lambda f: f.write(raw))
 
-
 def atomic_write(path, write):
     """Call write(f) on a temporary file, flush it to disk, then rename it to path: a kill at any
     moment leaves the old file or the new one, never half of one. shard.py saves checkpoints so."""
@@ -171,7 +146,6 @@ def atomic_write(path, write):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
 
 def read_safetensors(path):
     """{name: float32 array} from a .safetensors file: an 8-byte little-endian header length, a
@@ -192,7 +166,6 @@ def read_safetensors(path):
         raise DataError(f"{path} is not a readable safetensors file of F32, F16 or BF16 tensors "
                         f"({type(e).__name__}: {e})") from None
 
-
 def write_safetensors(path, arrays):  # {name: array}, written as float32, atomically
     header, offset = {}, 0
     for name, a in arrays.items():
@@ -203,11 +176,9 @@ def write_safetensors(path, arrays):  # {name: array}, written as float32, atomi
     atomic_write(path, lambda f: [f.write(b) for b in (len(head).to_bytes(8, 'little'), head)] +
                  [f.write(np.ascontiguousarray(a, '<f4').tobytes()) for a in arrays.values()])
 
-
 def lock(folder):
-    """Lock folder/lock for as long as this process lives: the OS drops the lock when it dies,
-    even by kill -9, so a lock is never stale. -> (the open file, to keep), or (None, the pid of the
-    live process that holds it)."""
+    """Lock folder/lock for as long as this process lives (the OS drops it when the process dies, even
+    by kill -9: never stale). -> (the open file, to keep, None), or (None, the holder's pid)."""
     f = open(Path(folder) / 'lock', 'a+')
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -218,7 +189,6 @@ def lock(folder):
     f.write(str(os.getpid()))
     f.flush()
     return f, None
-
 
 def split_documents(root, files):
     """(train, val) lists of texts. Many files: about 1 in 10 goes to val, chosen by a hash of its
@@ -236,19 +206,13 @@ def split_documents(root, files):
     if not texts:
         raise DataError("the dataset is empty: point --data at files that hold text")
     if len(texts) == 1:
-        text = texts[0][1]
-        cut = int(len(text) * 0.9)
+        text, cut = texts[0][1], int(len(texts[0][1]) * 0.9)
         return [text[:cut]], [text[cut:]]
-    is_val = [zlib.crc32(name.encode()) % 10 == 0 for name, _ in texts]
-    is_val[0] = False  # never an empty side: the first file always trains,
-    if not any(is_val):  # and at least the last one validates
-        is_val[-1] = True
-    return ([t for (_, t), v in zip(texts, is_val) if not v],
-            [t for (_, t), v in zip(texts, is_val) if v])
-
+    is_val = [i > 0 and zlib.crc32(name.encode()) % 10 == 0 for i, (name, _) in enumerate(texts)]  # the first trains
+    is_val[-1] = is_val[-1] or not any(is_val)  # and at least the last validates: never an empty side
+    return [t for (_, t), v in zip(texts, is_val) if not v], [t for (_, t), v in zip(texts, is_val) if v]
 
 # --- the token cache -----------------------------------------------------------------------------
-
 def load_tokens(data, tokenizer, cache_dir):
     """--data -> (train, val) uint16 token arrays (np.memmap), tokenizing on first use only."""
     if not data:  # Path('') is the current folder: never read that by accident
@@ -272,28 +236,22 @@ def load_tokens(data, tokenizer, cache_dir):
         print(f"tokenized {len(files)} files of {data} into {folder}")
     return [np.memmap(folder / f'{s}.bin', np.uint16, 'r') for s in ('train', 'val')]
 
-
 # --- the batch stream ----------------------------------------------------------------------------
-
 class Batches:
     """Global batches of (batch_size, T+1) windows; inputs are [:, :-1], targets [:, 1:].
 
-    Each epoch cuts the tokens into non-overlapping windows of T+1, on a grid shifted by a
-    random offset, and visits every window once in a random order; both are seeded by
-    (seed, epoch). The shift matters on small data: with one fixed grid a model memorizes the
-    same few thousand windows, while a new grid each epoch shows it new ones, as nanoGPT's
-    random offsets do. The cursor counts windows handed out, so a run can stop anywhere and
-    resume at the same window. Row i of a batch goes to data shard i // (batch_size / data):
-    each shard its own contiguous slice, never the same window.
-    """
+    Each epoch cuts the tokens into non-overlapping windows of T+1 on a grid shifted by a random
+    offset, and visits each window once in a random order, both seeded by (seed, epoch): on small data
+    a new grid each epoch shows new windows, as nanoGPT's random offsets do. The cursor counts windows
+    handed out, so a run resumes at the same window. Row i of a batch goes to data shard
+    i // (batch_size / data): each shard its own contiguous slice, never the same window."""
 
     def __init__(self, tokens, block_size, batch_size, seed, split='train'):
         self.tokens, self.T, self.B, self.seed = tokens, block_size, batch_size, seed
         self.n = (len(tokens) - block_size) // (block_size + 1)  # windows per epoch, any offset
         if self.n < batch_size:
-            raise DataError(f"the {split} split has {len(tokens):,} tokens, fewer than one batch of "
-                            f"{batch_size} x {block_size + 1} (and a shift): use more data or a "
-                            f"smaller --batch_size or --block_size")
+            raise DataError(f"the {split} split has {len(tokens):,} tokens, fewer than one batch of {batch_size} x "
+                            f"{block_size + 1} (and a shift): use more data or a smaller --batch_size or --block_size")
         self.epoch = (-1, None, 0)  # (epoch, permutation, offset) of the last epoch used
 
     def window_starts(self, cursor):

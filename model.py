@@ -1,16 +1,11 @@
 """GPT-2, as published, in Flax NNX.
 
-The model is written as the program ONE device runs inside `jax.shard_map` (see shard.py): every
-weight that is split for tensor parallelism arrives here as the local shard, and the two
-row-parallel matmuls end in a `psum` over the 'model' mesh axis. On a 1x1 mesh those shards are
-the whole weights and the psums move nothing, so this one file serves one device and many.
+The model is written as the program ONE device runs inside `jax.shard_map` (see shard.py): a weight
+split for tensor parallelism arrives as its local shard, and the two row-parallel matmuls end in a
+`psum` over the 'model' axis. On a 1x1 mesh the shards are the whole weights and the psums move nothing.
 
-Each weight records its tensor-parallel layout as `out_sharding` metadata: a name per array axis,
-'model' where the axis is split over the model axis, None where it is whole. shard.py derives
-every partition spec from that, so the layout of a weight is written once, next to its init.
-
-Sections: the config; mixed-precision matmuls; attention (plain, blockwise "flash", cuDNN);
-the layers; the GPT.
+Each weight records its layout as `out_sharding` metadata, a mesh axis name ('model', 'data') or None
+per array axis; shard.py derives every partition spec from it: a layout is written once, beside its init.
 
 Needs: nothing from the other files.
 """
@@ -27,7 +22,6 @@ from jax.ad_checkpoint import checkpoint_name
 # can be built anywhere, with or without a mesh.
 nnx.use_eager_sharding(False)
 f32 = jnp.float32
-
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -48,26 +42,17 @@ class GPTConfig:
     def padded_vocab(self):  # 50257 -> 50304: matmuls with a dimension that tiles evenly run faster
         return -(-self.vocab_size // 128) * 128
 
-
 # --- mixed precision: bf16 in, float32 accumulation, bf16 out --------------------------------
-
 def matmul(spec, x, w, out=None):
     """jnp.einsum(spec, x, w), accumulated in float32, returned as `out` (x's dtype by default).
     Named, so that a remat policy can keep matmul outputs and recompute the rest."""
     return checkpoint_name(_matmul(spec, x, w, out), 'matmul')
 
-
 @partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _matmul(spec, x, w, out):
-    # The backward is written out so that its two matmuls also take bf16 inputs and accumulate
-    # in float32. Left to autodiff, they would get the float32 gradient of the float32
-    # accumulator, and XLA:CPU (jax 0.10) runs those matmuls at half the speed of these.
+    # The backward is written out so that its two matmuls also take bf16 and accumulate in float32:
+    # autodiff would feed them the float32 accumulator's gradient, at half the speed on XLA:CPU (jax 0.10).
     return jnp.einsum(spec, x, w, preferred_element_type=f32).astype(out or x.dtype)
-
-
-def _matmul_fwd(spec, x, w, out):
-    return _matmul(spec, x, w, out), (x, w)
-
 
 def _matmul_bwd(spec, out, res, g):  # the gradient of 'x,w->y' is 'y,w->x' and 'x,y->w'
     x, w = res
@@ -75,29 +60,23 @@ def _matmul_bwd(spec, out, res, g):  # the gradient of 'x,w->y' is 'y,w->x' and 
     g = g.astype(x.dtype)
     return matmul(f'{ys},{ws}->{xs}', g, w), matmul(f'{xs},{ys}->{ws}', x, g, w.dtype)
 
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
+_matmul.defvjp(lambda spec, x, w, out: (_matmul(spec, x, w, out), (x, w)), _matmul_bwd)
 
 def add_bias(y, b):
     """y + b in float32: the bias's gradient is a sum over every token, which XLA:CPU does ten
     times slower in bf16 than in float32 (it splits the sum into windows to keep precision)."""
     return y if b is None else (y.astype(f32) + b).astype(y.dtype)
 
-
 @jax.checkpoint  # recomputed in the backward pass from x: its float32 intermediates are not kept
 def gelu(x):  # GPT-2's tanh GELU, 0.5 x (1 + tanh(z)), written as x sigmoid(2z): the same function
     x32 = x.astype(f32)  # in float32: bf16 would round every intermediate (and the 1.5957... too)
     return (x32 * jax.nn.sigmoid(1.5957691216057308 * (x32 + 0.044715 * x32 * x32 * x32))).astype(x.dtype)
 
-
 def dropout(x, rate, key):
     """Inverted dropout; key=None (evaluation, sampling) or rate=0 (the default) is the identity."""
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
+    return jnp.where(jax.random.bernoulli(key, 1.0 - rate, x.shape), x / (1.0 - rate), 0).astype(x.dtype)
 
 @partial(jax.tree_util.register_dataclass, data_fields=['q', 'scale'], meta_fields=[])
 @dataclass
@@ -111,7 +90,6 @@ class Int8:
         g = self.scale.shape[0]
         q = self.q.reshape(g, -1, *self.q.shape[1:]).astype(self.scale.dtype)  # (groups, in/groups, out...)
         return (q * self.scale[:, None]).reshape(self.q.shape)[index]
-
 
 # --- attention: q (B, Tq, H, D), k and v (B, Tk, H, D) -> (B, Tq, H, D) ----------------------
 # Causal by positions: a query sees the keys at positions up to its own. In training both are
@@ -127,37 +105,30 @@ def attention(q, k, v, q_pos, k_pos, impl):
     s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, -jnp.inf)
     return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1).astype(v.dtype), v)
 
-
 def blockwise_attention(q, k, v, q_pos, k_pos, block=128):
     """Flash attention (Dao et al., 2022) in plain JAX: memory O(Tq x block), not O(Tq x Tk).
 
-    The keys and values are walked one block at a time by a `lax.scan`. Each query keeps a
-    running max m of its scores, the running sum l of exp(score - m), and the output o so far,
-    as the weighted sum of values with those weights. A new block with a larger max rescales
-    what came before by exp(m_old - m_new): the softmax is finished only at the end, o / l. The
-    backward (custom_vjp below) never stored the probabilities: it recomputes each block's from
-    the saved log-sum-exp, m + log(l). The keys are padded up to a multiple of the block, at a
-    position no query reaches, so the mask hides them."""
+    A `lax.scan` walks the keys and values one block at a time. Each query keeps a running max m of
+    its scores, the running sum l of exp(score - m), and o, the values weighted so; a block with a
+    larger max rescales what came before by exp(m_old - m_new), and o / l ends the softmax. The
+    backward (custom_vjp below) recomputes each block's probabilities from the saved m + log(l).
+    Keys are padded to a multiple of the block at a position no query reaches: the mask hides them."""
     pad = -k.shape[1] % block
     k, v = (jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]) for a in (k, v))
     return _flash(q, k, v, q_pos, jnp.pad(k_pos, (0, pad), constant_values=2**30), block)
-
 
 def _kv_blocks(k, v, k_pos, block):  # -> key blocks (n, B, block, H, D), value blocks, positions (n, block)
     B, T, H, D = k.shape
     split = lambda a: a.reshape(B, T // block, block, H, D).swapaxes(0, 1)
     return split(k), split(v), k_pos.reshape(-1, block)
 
-
 def _scores(q, kj, q_pos, kj_pos):  # -> (B, Tq, H, block) scores against one key block, masked
     s = jnp.einsum('bqhd,bkhd->bqhk', q, kj, preferred_element_type=f32) / math.sqrt(q.shape[-1])
     return jnp.where((q_pos[:, None] >= kj_pos[None, :])[None, :, None, :], s, -jnp.inf)
 
-
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_pos, k_pos, block):
     return _flash_fwd(q, k, v, q_pos, k_pos, block)[0]
-
 
 def _flash_fwd(q, k, v, q_pos, k_pos, block):
     def step(carry, kv):
@@ -174,7 +145,6 @@ def _flash_fwd(q, k, v, q_pos, k_pos, block):
     (o, m, l), _ = jax.lax.scan(step, init, _kv_blocks(k, v, k_pos, block))
     o = (o / l[..., None]).astype(q.dtype)
     return o, (q, k, v, q_pos, k_pos, o, m + jnp.log(l))
-
 
 def _flash_bwd(block, res, g):  # g = dL/do; the softmax backward, one key block at a time
     q, k, v, q_pos, k_pos, o, lse = res
@@ -193,12 +163,9 @@ def _flash_bwd(block, res, g):  # g = dL/do; the softmax backward, one key block
     unblock = lambda a: a.swapaxes(0, 1).reshape(k.shape)
     return dq.astype(q.dtype), unblock(dk), unblock(dv), None, None
 
-
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
-
 # --- the layers ---------------------------------------------------------------------------------
-
 def layout(cfg, shape, spec):
     """A weight's layout: `spec` names the axes split over 'model'. With FSDP, cfg.fsdp > 1 devices
     on 'data', the first other axis that cfg.fsdp divides is split over 'data' too."""
@@ -207,26 +174,21 @@ def layout(cfg, shape, spec):
             return spec[:i] + ('data',) + spec[i + 1:]
     return spec
 
-
 def normal(cfg, rngs, shape, std, spec):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape), out_sharding=layout(cfg, shape, spec))
-
 
 def zeros(cfg, shape, spec, use=True):
     return nnx.Param(jnp.zeros(shape), out_sharding=layout(cfg, shape, spec)) if use else None
 
-
 def value(param):
-    """A Param's array (None for an absent bias). A weight that FSDP split over 'data' is
-    all-gathered here, just before use: inside the layer scan, so one layer at a time is whole.
-    Its transpose, which JAX derives for the backward pass, is a reduce-scatter: each device gets
-    the sum over 'data' of its own slice of the gradient. Bytes moved: the weight, per use."""
+    """A Param's array (None for an absent bias). A weight FSDP split over 'data' is all-gathered here,
+    inside the layer scan, so one layer at a time is whole; its transpose in the backward pass is a
+    reduce-scatter: each device gets the sum over 'data' of its own slice of the gradient."""
     if param is None:
         return None
     x, spec = param[...], param.out_sharding
     spec = spec[len(spec) - x.ndim:]  # a stacked layer's layout starts with the layer axis
     return jax.lax.all_gather(x, 'data', axis=spec.index('data'), tiled=True) if 'data' in spec else x
-
 
 class LayerNorm(nnx.Module):
     def __init__(self, cfg: GPTConfig):
@@ -239,7 +201,6 @@ class LayerNorm(nnx.Module):
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * value(self.scale)
         return add_bias(y, value(self.bias)).astype(x.dtype)
-
 
 class CausalSelfAttention(nnx.Module):
     """Column-parallel q/k/v (whole heads per device), row-parallel output projection."""
@@ -274,7 +235,6 @@ class CausalSelfAttention(nnx.Module):
         y = jax.lax.psum(matmul('btc,cd->btd', y, value(self.c_proj)), 'model')  # (B, T, C)
         return add_bias(y, value(self.c_proj_bias)), cache
 
-
 class MLP(nnx.Module):
     """Column-parallel expansion to 4C, GELU, row-parallel projection back to C."""
 
@@ -291,14 +251,10 @@ class MLP(nnx.Module):
         y = jax.lax.psum(matmul('btc,cd->btd', h, value(self.c_proj)), 'model')
         return add_bias(y, value(self.c_proj_bias))
 
-
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
-        self.ln_1 = LayerNorm(cfg)
-        self.attn = CausalSelfAttention(cfg, rngs)
-        self.ln_2 = LayerNorm(cfg)
-        self.mlp = MLP(cfg, rngs)
-        self.rate = cfg.dropout
+        self.ln_1, self.attn = LayerNorm(cfg), CausalSelfAttention(cfg, rngs)
+        self.ln_2, self.mlp, self.rate = LayerNorm(cfg), MLP(cfg, rngs), cfg.dropout
 
     def __call__(self, x, pos, key=None, cache=None):  # (B, T, C) -> (B, T, C), pre-LayerNorm residual
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
@@ -306,25 +262,21 @@ class Block(nnx.Module):
         x = x + dropout(y, self.rate, k1)
         return x + dropout(self.mlp(self.ln_2(x)), self.rate, k2), cache
 
-
 # --- the GPT ------------------------------------------------------------------------------------
-
 REMAT = {'none': None, 'block': jax.checkpoint_policies.nothing_saveable,
          'dots': jax.checkpoint_policies.save_only_these_names('matmul')}
-
 
 class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        # Embeddings are replicated: the lookup is cheap, and the tied LM head needs all of wte.
+        # Embeddings are not split over 'model': the lookup is cheap, and the tied head needs all of wte.
         # The padding rows are zeros: the loss never reads their logits, so they stay zero.
         wte = 0.02 * jax.random.normal(rngs.params(), (cfg.padded_vocab, cfg.n_embd))
         self.wte = nnx.Param(wte.at[cfg.vocab_size:].set(0), out_sharding=layout(cfg, wte.shape, (None, None)))
         self.wpe = normal(cfg, rngs, (cfg.block_size, cfg.n_embd), 0.02, (None, None))
 
-        # n_layer Blocks built at once and stacked: every param gets a leading layer axis
-        # (L, ...), and its layout a leading None. The forward pass scans over that axis, so
-        # XLA compiles one block, not n_layer copies.
+        # n_layer Blocks built at once and stacked: every param gets a leading layer axis (L, ...) and its
+        # layout a leading None. The forward pass scans over that axis: XLA compiles one block, not L.
         @nnx.split_rngs(splits=cfg.n_layer)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
         def make_blocks(rngs):
@@ -334,12 +286,10 @@ class GPT(nnx.Module):
         self.ln_f = LayerNorm(cfg)
 
     def __call__(self, idx, key=None, cache=None, start=0):
-        """idx (B, T) int32 -> logits (B, T, padded_vocab) float32, and the updated cache.
-
-        cache: None in training; in sampling, the keys and values of every layer, (L, B, S,
-        local heads, head_dim) each, and idx holds the tokens at positions start..start+T-1."""
-        B, T = idx.shape
-        L, wte = self.cfg.n_layer, value(self.wte)
+        """idx (B, T) int32 -> logits (B, T, padded_vocab) float32, and the updated cache. cache: None in
+        training; in sampling, every layer's keys and values, (L, B, S, local heads, head_dim) each, and
+        idx holds the tokens at positions start..start+T-1."""
+        T, L, wte = idx.shape[1], self.cfg.n_layer, value(self.wte)
         pos = start + jnp.arange(T)
         x = wte[idx] + jax.lax.dynamic_slice_in_dim(value(self.wpe), start, T)  # (B, T, C)
         if key is not None:
@@ -357,13 +307,10 @@ class GPT(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT[self.cfg.remat])
         # The positions go in once per layer, not as one constant: JAX hoists what depends only on
         # constants out of the loop, and would build every layer's causal mask, (B, H, T, T), at once.
-        x, cache = jax.lax.scan(body, x, (layers, keys, jnp.broadcast_to(pos, (L, T)), cache),
-                                unroll=self.cfg.unroll)
-        # LM head tied to the token embedding; float32 logits
-        return matmul('btc,vc->btv', self.ln_f(x), wte, f32), cache
+        x, cache = jax.lax.scan(body, x, (layers, keys, jnp.broadcast_to(pos, (L, T)), cache), unroll=self.cfg.unroll)
+        return matmul('btc,vc->btv', self.ln_f(x), wte, f32), cache  # LM head tied to wte; float32 logits
 
     def loss(self, idx, targets, key=None):  # mean cross-entropy in float32, a scalar
         logits = self(idx, key)[0][..., :self.cfg.vocab_size]  # (B, T, vocab): the padding dropped
-        logz = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
-        true = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jnp.mean(logz - true)
+        true = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, T)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - true)

@@ -3,9 +3,11 @@
     python sample.py                                   # from out/, the default run's folder
     python sample.py --start="def main(" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --temperature=0 --seed=1   # greedy
-    python sample.py --bench                           # tokens/s with and without the KV cache
+    python sample.py --init_from=gpt2 --top_p=0.9      # GPT-2's weights, in Hugging Face's layout
+    python sample.py --quantize=int8                   # int8 weights
+    python sample.py --export=my-gpt2                  # write the checkpoint as GPT-2, for transformers
 
-The model, tokenizer and dtype come from the checkpoint's saved config; the weights are loaded
+The model and tokenizer come from the checkpoint's saved config; the weights are loaded
 onto a mesh of all devices (--mesh as in training, e.g. model=2 to split a big model), and run
 through the same shard_map code as training. The first sample is printed as it is produced.
 
@@ -15,7 +17,6 @@ tokenizers).
 import glob
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,6 @@ import numpy as np
 import data
 import shard
 from model import GPTConfig
-
 
 @dataclass
 class SampleConfig:
@@ -39,12 +39,10 @@ class SampleConfig:
     seed: int = 1337
     mesh: str = ''
     init_from: str = ''  # sample GPT-2's weights instead: a folder with config.json, model.safetensors
-    dtype: str = ''  # bfloat16 | float32; empty: the checkpoint's, float32 for --init_from
+    dtype: str = ''  # bfloat16 | float32; empty: the weights' own (float32 masters: float32, exact)
     quantize: str = ''  # int8: the layers' matmul weights stored as int8 (shard.quantize), for sampling
     export: str = ''  # write the checkpoint as GPT-2 in Hugging Face's layout to this folder, exit
     cache: bool = True  # False reruns the whole context for every new token (to compare)
-    bench: bool = False  # time sampling with and without the KV cache, print tokens/s, exit
-
 
 def check(cfg):
     for name, ok, rule in (('temperature', cfg.temperature >= 0, '>= 0 (0 is greedy)'),
@@ -56,7 +54,6 @@ def check(cfg):
                            ('quantize', cfg.quantize in ('', 'int8'), "int8 (or '' for none)")):
         if not ok:
             raise ValueError(f"--{name}={getattr(cfg, name)} must be {rule}")
-
 
 def main(argv):
     cfg = data.parse_flags(argv, SampleConfig(), presets={})
@@ -71,7 +68,8 @@ def main(argv):
                 raise ValueError(f"no checkpoint in {cfg.out_dir}/: run python train.py first, or pass --out_dir")
             arrays, meta = shard.read(ckpts[-1])
             model_cfg, tokenizer = GPTConfig(**{**meta['model'], 'fsdp': 1}), meta['config']['tokenizer']  # whole weights
-            dtype, storage = cfg.dtype or meta['config']['dtype'], shard.storage_dtype(meta['config'])
+            storage = shard.storage_dtype(meta['config'])
+            dtype = cfg.dtype or storage  # on a CPU also the faster: bf16 weights are widened every token
         tok = data.get_tokenizer(tokenizer)
         start = Path(cfg.start[5:]).read_text() if cfg.start.startswith('FILE:') else cfg.start
         mesh = shard.make_mesh(cfg.mesh)
@@ -88,25 +86,11 @@ def main(argv):
     except (ValueError, OSError) as e:  # one line, as train.py
         sys.exit(f"sample.py: {e}")
     prompt = tok.encode(start).tolist() or [tok.eot]
-    generate = shard.make_sampler(graphdef, specs, mesh, model_cfg, dtype, cfg.temperature,
-                                  cfg.top_k, cfg.top_p)
-    run = lambda cached: generate(params, prompt, cfg.max_new_tokens, jax.random.key(cfg.seed),
-                                  cfg.num_samples, cached)
-
-    if cfg.bench:  # each way run twice: the first compiles, the second is timed
-        for cached in (True, False):
-            list(run(cached))
-            t0 = time.perf_counter()
-            jax.block_until_ready(list(run(cached)))
-            tps = cfg.num_samples * cfg.max_new_tokens / (time.perf_counter() - t0)
-            print(f"{'with' if cached else 'without'} the KV cache: {tps:,.0f} tokens/s")
-            speed = tps if cached else speed / tps
-        return print(f"the cache is {speed:.1f}x faster ({cfg.num_samples} x {cfg.max_new_tokens} new "
-                     f"tokens, context {model_cfg.block_size}, {jax.devices()[0].device_kind})")
+    generate = shard.make_sampler(graphdef, specs, mesh, model_cfg, dtype, cfg.temperature, cfg.top_k, cfg.top_p)
 
     rows, shown = [], tok.decode(prompt)
     print(shown, end='', flush=True)
-    for nxt, _ in run(cfg.cache):
+    for nxt, _ in generate(params, prompt, cfg.max_new_tokens, jax.random.key(cfg.seed), cfg.num_samples, cfg.cache):
         rows.append(nxt)
         text = tok.decode(prompt + [r[0] for r in rows])  # the first sample, so far
         if not text.endswith('\ufffd'):  # not in the middle of a multi-byte character
@@ -115,9 +99,7 @@ def main(argv):
     rows = np.stack(rows, 1) if rows else np.zeros((cfg.num_samples, 0), np.int32)
     print(tok.decode(prompt + rows[0].tolist())[len(shown):] + '\n---------------')
     for row in rows[1:]:
-        print(tok.decode(prompt + row.tolist()))
-        print('---------------')
-
+        print(tok.decode(prompt + row.tolist()) + '\n---------------')
 
 if __name__ == '__main__':
     main(sys.argv[1:])

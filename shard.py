@@ -1,8 +1,9 @@
-"""How one model is split across many devices: the mesh, the layouts, and the training step.
+"""How one model is split across many devices: the mesh, the layouts, the training step, the
+sampler with its KV cache, and weights on disk (checkpoints, and GPT-2's in Hugging Face's layout).
 
 The devices form a 2-D mesh ('data', 'model'):
-  - 'data' splits the batch (data parallelism): each row of devices sees different sequences
-    and holds a full copy of the weights it is given.
+  - 'data' splits the batch (data parallelism); with FSDP (--fsdp) it splits the weights too,
+    each on an axis that 'model' leaves whole (model.layout), gathered as each layer runs.
   - 'model' splits the weights inside each layer (Megatron tensor parallelism):
 
       weight                      layout (see model.py)   each device holds
@@ -16,7 +17,7 @@ The step is one `jax.shard_map`: inside it, code sees its device's local arrays 
 collective is written out (or, where JAX inserts it, named in a comment). One device is a 1x1
 mesh running the same code.
 
-Needs: model.py (GPT), data.py (atomic_write, for checkpoints).
+Needs: model.py (GPT, Int8), data.py (atomic writes, safetensors, tokenizers).
 """
 import json
 from functools import partial
@@ -33,7 +34,6 @@ from jax.sharding import PartitionSpec as P
 from data import atomic_write, get_tokenizer, read_safetensors, write_safetensors
 from model import GPT, Int8
 
-
 def make_mesh(spec, devices=None):
     """'data=4,model=2' -> a 4x2 mesh. '' puts every device on the data axis."""
     devices = jax.devices() if devices is None else devices
@@ -48,46 +48,30 @@ def make_mesh(spec, devices=None):
                          f"{len(devices)} are present: make data*model equal {len(devices)}")
     return jax.make_mesh((sizes['data'], sizes['model']), ('data', 'model'), devices=devices)
 
-
 def init_params(cfg, mesh, seed, dtype):
-    """Build the GPT straight into its sharded layout; returns (graphdef, params, specs).
-
-    params is the model's nnx.State, a plain pytree of arrays from here on. The values do not
-    depend on the mesh: the same seed gives the same weights on 1 device or 8.
-    """
-    abstract = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(seed)))  # shapes and layouts, no memory
-    graphdef, abstract_state = nnx.split(abstract)
-    specs = nnx.get_partition_spec(abstract_state)  # one PartitionSpec per param, from model.py
-
-    @jax.jit
-    def init():  # each device computes and keeps only its own shards
-        params = nnx.state(GPT(cfg, nnx.Rngs(seed)))
-        return jax.sharding.reshard(cast(params, dtype), specs)
-
-    return graphdef, init(), specs
-
+    """Build the GPT straight into its sharded layout -> (graphdef, params, specs); params, the model's
+    nnx.State, is a plain pytree of arrays. The same seed gives the same weights on 1 device or 8."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(seed))))  # shapes, layouts: no memory
+    specs = nnx.get_partition_spec(abstract)  # one PartitionSpec per param, from model.py
+    # jitted, so that each device computes and keeps only its own shards
+    params = jax.jit(lambda: jax.sharding.reshard(cast(nnx.state(GPT(cfg, nnx.Rngs(seed))), dtype), specs))()
+    return graphdef, params, specs
 
 def cast(params, dtype):  # float arrays only: int8 weights stay int8
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
-
 def check_divisible(cfg, mesh):
-    m = mesh.shape['model']
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: change one")
-    if cfg.n_head % m:
-        raise ValueError(f"n_head={cfg.n_head} is not divisible by the model axis ({m}): "
+    if cfg.n_head % mesh.shape['model']:
+        raise ValueError(f"n_head={cfg.n_head} is not divisible by the model axis ({mesh.shape['model']}): "
                          "choose a --mesh model size that divides n_head")
 
-
-def per_device_bytes(tree):
-    """Bytes one device holds of a sharded pytree (device 0's shards)."""
+def per_device_bytes(tree):  # bytes one device holds of a sharded pytree (device 0's shards)
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
-
 
 def storage_dtype(cfg):  # the params' dtype: float32 master copies, or the compute dtype itself
     return 'float32' if cfg['master_weights'] else cfg['dtype']
-
 
 def lr_schedule(cfg):
     """nanoGPT's: a linear warmup that starts at lr / (warmup + 1), so the first step learns, then
@@ -99,70 +83,53 @@ def lr_schedule(cfg):
         return jnp.where(count < cfg.warmup_iters, warm, decay)
     return lr
 
-
 def make_optimizer(cfg, params):
-    """AdamW with lr_schedule, global-norm clipping at 1.0; weight decay only on matrices
-    (kernels and embeddings), not on biases and LayerNorm scales."""
+    """AdamW with lr_schedule and global-norm clipping; weight decay on matrices, not biases or LayerNorm scales."""
     lr = lr_schedule(cfg)
-    no_decay = ('bias', 'scale')
     decay = jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(w in str(k) for k in path for w in no_decay), params)
-    tx = optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        # Adam's moments in the params' dtype: float32 gradients would otherwise promote them
-        optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay,
-                    mu_dtype=jax.tree.leaves(params)[0].dtype))
+        lambda path, _: not any(w in str(k) for k in path for w in ('bias', 'scale')), params)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     # Adam's moments in the params' dtype: float32 gradients would otherwise promote them
+                     optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay,
+                                 mu_dtype=jax.tree.leaves(params)[0].dtype))
     return tx, lr
 
-
 def make_grads(graphdef, specs, mesh, cfg):
-    """Returns grads(params, batch, key) -> (mean loss, mean gradients), for the global batch.
-
-    params: in the compute dtype. batch: (B, T+1) int32 token windows, split over 'data' and,
-    on each device, into cfg.grad_accum micro-batches that run one after another."""
+    """Returns grads(params, batch, key) -> (mean loss, mean gradients), for the global batch. params: in
+    the compute dtype; batch: (B, T+1) int32 token windows, split over 'data' and, on each device, into
+    cfg.grad_accum micro-batches that run one after another."""
     n_data, n_micro = mesh.shape['data'], cfg.grad_accum
 
     def local_grads(params, batch, key):
         # Runs on each device. params: local shards in the compute dtype; batch: (B/data, T+1).
-        # A param invariant over 'data' used with data that varies would get an implicit cast
-        # whose backward is an all-reduce over 'data'; inside the scan below that would be one
-        # all-reduce per micro-batch. Casting to 'varying' once, here, keeps each device's
-        # gradients local until the single psum after the scan.
-        # (FSDP's weights, split over 'data', vary already.)
+        # A param invariant over 'data' meeting data that varies gets an implicit cast whose backward
+        # is an all-reduce over 'data': one per micro-batch, inside the scan. Casting to 'varying' once,
+        # here, keeps gradients local until the one psum after it. (FSDP's weights vary already.)
         params = jax.tree.map(lambda p, s: p if 'data' in s else jax.lax.pcast(p, 'data', to='varying'), params, specs)
         key = jax.random.fold_in(key, jax.lax.axis_index('data'))  # own dropout mask per shard
         micro = batch.reshape(n_micro, -1, batch.shape[-1])  # (n_micro, B/data/n_micro, T+1)
 
-        def loss_fn(p, x, y, k):
-            return nnx.merge(graphdef, p).loss(x, y, k)
-
         def body(acc, i):
             x, y = micro[i, :, :-1], micro[i, :, 1:]  # inputs and next-token targets, (b, T)
             k = jax.random.fold_in(key, i) if cfg.dropout > 0 else None
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, y, k)
+            loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(x, y, k))(params)
             # bf16 gradients are summed in float32, so small micro-batch terms are not lost
-            grads = cast(grads, jnp.float32)
-            return jax.tree.map(jnp.add, acc, (loss, grads)), None
+            return jax.tree.map(jnp.add, acc, (loss, cast(grads, jnp.float32))), None
 
-        # the carry must vary over the same mesh axes as what is added to it: zeros_like keeps
-        # each param's; the loss varies over 'data' only
+        # the carry varies over the mesh axes of what is added to it: each param's (zeros_like), 'data' for the loss
         zero = (jax.lax.pcast(jnp.zeros(()), 'data', to='varying'),
                 jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params))
         (loss, grads), _ = jax.lax.scan(body, zero, jnp.arange(n_micro))
-        # THE data-parallel all-reduce: one per step, after all micro-batches. It sums every
-        # device's gradient; dividing by the count turns the sum into the mean over the batch.
-        # Gradients of 'model'-split weights stay split: each device reduces only its shard.
-        # FSDP's weights are left out: their gradients were reduce-scattered already, per
-        # micro-batch (the transpose of the all-gathers in model.value).
+        # THE data-parallel all-reduce: one per step, after all micro-batches, summing every device's
+        # gradient; divided by the count, the sum becomes the batch mean. 'model'-split gradients stay
+        # split: each device reduces only its shard. FSDP's are left out: they were reduce-scattered
+        # already, per micro-batch (the transpose of the all-gathers in model.value).
         loss, summed = jax.lax.psum((loss, jax.tree.map(lambda g, s: None if 'data' in s else g, grads, specs)), 'data')
         grads = jax.tree.map(lambda r, g: g if r is None else r, summed, grads, is_leaf=lambda r: r is None)
         return jax.tree.map(lambda g: g / (n_data * n_micro), (loss, grads))
 
-    grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, P('data'), P()),
-                          out_specs=(P(), specs))
-    # each data row of devices gets its own slice of the batch
+    grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, P('data'), P()), out_specs=(P(), specs))
     return jax.jit(lambda params, batch, key: grads(params, jax.sharding.reshard(batch, P('data')), key))
-
 
 def make_train_step(graphdef, specs, mesh, tx, cfg):
     """Returns step(params, opt_state, batch, key) -> (params, opt_state, loss)."""
@@ -179,10 +146,8 @@ def make_train_step(graphdef, specs, mesh, tx, cfg):
 
     return step
 
-
 def make_loss(graphdef, specs, mesh, dtype, n_micro=1):
-    """Returns loss(params, batch) -> mean loss over the batch, for evaluation (no dropout), one
-    micro-batch of it at a time, as training."""
+    """Returns loss(params, batch) -> the batch's mean loss, for evaluation (no dropout), a micro-batch at a time."""
 
     def local_loss(params, batch):
         micro = batch.reshape(n_micro, -1, batch.shape[-1])  # (n_micro, B/data/n_micro, T+1)
@@ -192,12 +157,10 @@ def make_loss(graphdef, specs, mesh, dtype, n_micro=1):
     f = jax.shard_map(local_loss, mesh=mesh, in_specs=(specs, P('data')), out_specs=P())
     return jax.jit(lambda params, batch: f(cast(params, dtype), jax.sharding.reshard(batch, P('data'))))
 
-
 def quantize(params, mesh):
-    """int8 weight-only quantization of the layers' four matmul kernels, (L, in, out...) each, for
-    sampling: model.Int8 values and a float32 scale per output channel, max |w| / 127 over the
-    input rows. The input rows are cut into as many groups as the model axis has devices, so each
-    device's shard of a row-parallel kernel has its own scales and every layout stays as written."""
+    """int8 weights (model.Int8) for the layers' four matmul kernels, for sampling: a float32 scale,
+    max |w| / 127, per output channel and per model-axis group of input rows, so that each device's
+    shard of a row-parallel kernel has its own scales and every layout stays as written."""
     h = params['h']
     for module, name in (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj')):
         w = np.asarray(jax.device_get(h[module][name][...]), np.float32)
@@ -208,11 +171,8 @@ def quantize(params, mesh):
         h[module][name].set_value(Int8(jax.device_put(q, sharding), jax.device_put(scale, sharding)))
     return params
 
-
 # --- sampling: a KV cache filled by one pass over the prompt, then one token per step ---------
-
 CACHE = P(None, None, None, 'model', None)  # (L, N, S, heads, head_dim): heads split, as attention's
-
 
 def pick(logits, key, temperature, top_k, top_p):
     """(N, vocab) float32 logits -> (N,) next ids. temperature 0 is greedy; top_k keeps the k most
@@ -230,17 +190,12 @@ def pick(logits, key, temperature, top_k, top_p):
         logits = jnp.where(logits < jnp.take_along_axis(ranked, keep[:, None] - 1, -1), -jnp.inf, logits)
     return jax.random.categorical(key, logits)
 
-
 def make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=1.0, top_k=0, top_p=1.0):
-    """Returns generate(params, prompt, max_new_tokens, key, num_samples=1, cached=True), which
-    yields (next ids (N,), their logits (N, vocab)) once per new token, continuing `prompt` (ids).
-
-    With the cache, one pass over the prompt fills it, then each step runs the model on the
-    newest token alone, at its position, reading every earlier token's keys and values from the
-    cache. The context is block_size tokens: when the cache is full, the newest half of the text
-    refills it as a new prompt (the position embeddings are absolute, so shifting it means
-    recomputing it) and decoding goes on. cached=False reruns the newest block_size tokens for
-    every token, as a model without a cache must: the same tokens, to test and time against."""
+    """Returns generate(params, prompt, max_new_tokens, key, num_samples=1, cached=True), which yields
+    (next ids (N,), their logits (N, vocab)) once per new token. With the cache, one pass over the prompt
+    fills it, then each step runs the newest token alone; a full cache (block_size) is refilled with the
+    newest half of the text, recomputed at its new positions. cached=False reruns the newest block_size
+    tokens for every token, as a model without a cache must: the same tokens, to test and time against."""
 
     def local(params, idx, cache, start, last, key, i):  # idx (N, T): the tokens at start..start+T-1
         logits, cache = nnx.merge(graphdef, params)(idx, cache=cache, start=start)
@@ -272,9 +227,7 @@ def make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=1.0, top_k=0, to
 
     return generate
 
-
 # --- GPT-2's own weights, in Hugging Face's layout: config.json and model.safetensors ----------
-
 # Hugging Face's names for layer i's tensors (h.{i}.NAME) -> ours, in the stacked layers GPT.h.
 # Its Conv1D weights are (in, out), as ours; only the fused q/k/v is reshaped, (C, 3C) <-> (C, 3, C).
 HF_LAYER = {'ln_1.weight': ('ln_1', 'scale'), 'ln_1.bias': ('ln_1', 'bias'),
@@ -288,10 +241,8 @@ HF_FIXED = dict(model_type='gpt2', activation_function='gelu_new', layer_norm_ep
                 scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
                 reorder_and_upcast_attn=False, tie_word_embeddings=True)
 
-
 def hf_shape(name, s):  # our per-layer shape -> Hugging Face's
     return (s[0], s[1] * s[2]) if name == 'c_attn' else (s[0] * s[1],) if name == 'c_attn_bias' else tuple(s)
-
 
 def to_hf(params, cfg):
     """params (an nnx.State, on any mesh) -> {Hugging Face name: float32 numpy array}."""
@@ -303,10 +254,8 @@ def to_hf(params, cfg):
             out[f'h.{i}.{hf}'] = a.reshape(hf_shape(name, a.shape))
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
-
 def hf_config(folder):
-    """config.json -> (the GPTConfig fields it sets, the tokenizer), or a ValueError naming what
-    this model cannot express."""
+    """config.json -> (the GPTConfig fields it sets, the tokenizer), or a ValueError naming what it can't express."""
     try:
         c = json.loads((Path(folder) / 'config.json').read_text())
         inner = c.get('n_inner') and 4 * c['n_embd']  # None means 4 * n_embd, the only width here
@@ -318,7 +267,6 @@ def hf_config(folder):
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"--init_from={folder}: no usable config.json ({type(e).__name__}: {e}): pass a "
                          "folder holding GPT-2's config.json and model.safetensors") from None
-
 
 def from_hf(folder, params, cfg):
     """folder/model.safetensors -> params (same shapes, dtypes, shardings), or a ValueError naming
@@ -346,19 +294,16 @@ def from_hf(folder, params, cfg):
     nnx.replace_by_pure_dict(state, new)
     return jax.tree.map(put, state, params)
 
-
 def export_hf(folder, params, cfg, tokenizer):
     """Write params as GPT-2 in Hugging Face's layout: transformers' GPT2LMHeadModel loads it."""
-    config = dict(HF_FIXED, architectures=['GPT2LMHeadModel'], n_layer=cfg.n_layer, n_head=cfg.n_head,
-                  n_embd=cfg.n_embd, n_positions=cfg.block_size, vocab_size=cfg.vocab_size,
-                  bos_token_id=get_tokenizer(tokenizer).eot, eos_token_id=get_tokenizer(tokenizer).eot,
+    eot = get_tokenizer(tokenizer).eot
+    config = dict(HF_FIXED, architectures=['GPT2LMHeadModel'], n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                  n_positions=cfg.block_size, vocab_size=cfg.vocab_size, bos_token_id=eot, eos_token_id=eot,
                   jaxgpt_tokenizer=tokenizer)  # which of data.py's tokenizers it reads
     write_safetensors(Path(folder) / 'model.safetensors', to_hf(params, cfg))
     atomic_write(Path(folder) / 'config.json', lambda f: f.write(json.dumps(config, indent=2).encode()))
 
-
 # --- checkpoints: gathered from all devices into one .npz, placed back onto any mesh -----------
-
 def save(path, tree, meta):
     """Write a pytree of (sharded) arrays and a JSON-able dict to one .npz file, atomically.
     No pickle anywhere: bf16 is stored as its uint16 bits, the dict as UTF-8 JSON bytes."""
@@ -369,7 +314,6 @@ def save(path, tree, meta):
     arrays['__meta__'] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     if jax.process_index() == 0:  # one writer
         atomic_write(path, lambda f: np.savez(f, **arrays))
-
 
 def read(path):
     """-> (arrays, meta) of a checkpoint, or ValueError saying it is corrupt."""
@@ -384,22 +328,18 @@ def read(path):
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): "
                          "delete it to resume from an earlier one") from None
 
-
 def put(a, like):  # numpy -> like's dtype and sharding: each device, of every process, takes its shard
     a = np.asarray(a, like.dtype)
     return jax.make_array_from_callback(a.shape, like.sharding, lambda index: a[index])
 
-
 def place(arrays, template):
     """Put checkpoint arrays into the shapes, dtypes and shardings of `template`, a pytree of
     arrays on the current mesh (which may differ from the mesh they were saved from)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    out = []
-    for path, t in leaves:
+    def one(path, t):
         key = jax.tree_util.keystr(path)
         a = arrays.get(key)
         if a is None or a.shape != t.shape:
             raise ValueError(f"the checkpoint's {key} has shape {None if a is None else a.shape}, "
                              f"the model's {t.shape}: pass the model flags it was trained with")
-        out.append(put(a.view(jnp.bfloat16) if a.dtype == np.uint16 else a, t))
-    return jax.tree_util.tree_unflatten(treedef, out)
+        return put(a.view(jnp.bfloat16) if a.dtype == np.uint16 else a, t)
+    return jax.tree_util.tree_map_with_path(one, template)

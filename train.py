@@ -3,14 +3,17 @@ minutes; `--preset=shakespeare` is nanoGPT's baby GPT; `--preset=gpt2` is GPT-2 
 
     python train.py --help                       # every flag, with its default
     python train.py --preset=shakespeare --mesh=data=4,model=2 --max_iters=2000
-    python train.py --bench                      # time the step: ms, tokens/s, MFU, memory
+    python train.py --bench                      # time the step: ms, tokens/s, MFU, memory (bench.py)
+    python train.py --init_from=gpt2 --data=my.txt --block_size=256     # fine-tune GPT-2's weights
+    python train.py --eval_only --resume         # val loss, perplexity, bits per byte
 
 A script, top to bottom: the config and its flags, the data, the mesh and the sharded params,
 then the loop (log, evaluate, checkpoint), then a sample. Every step is one call of the
 compiled shard_map step in shard.py. A checkpoint holds everything the next step depends on
 (params, optimizer state, step, PRNG key, data cursor, config), so --resume continues exactly.
 
-Needs: model.py (GPTConfig), data.py (flags, tokens, batches), shard.py (mesh, step, checkpoints).
+Needs: model.py (GPTConfig), data.py (flags, tokens, batches, the out_dir lock), shard.py (mesh, step,
+checkpoints, GPT-2's weights, the sampler); bench.py for --bench.
 """
 import ctypes
 import dataclasses
@@ -23,15 +26,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-# XLA:CPU allocates each step's temporary buffers afresh (5 GB for the baby GPT) and glibc hands
-# big freed blocks back to the kernel, so every step paid a page fault per 4 KB it touched: a
-# third of the step on 2 cores (README: Performance). Keep freed memory for the next step.
-if sys.platform == 'linux':
-    try:  # M_ARENA_MAX = 1, M_MMAP_MAX = 0, M_TRIM_THRESHOLD = never
-        for option, v in ((-8, 1), (-4, 0), (-1, -1)):
-            ctypes.CDLL('libc.so.6').mallopt(option, v)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+# XLA:CPU allocates each step's temporaries afresh (5 GB for the baby GPT), and glibc handed big freed blocks
+# back to the kernel: a page fault per 4 KB touched, a third of the step on 2 cores (README: Performance).
+try:  # M_ARENA_MAX = 1, M_MMAP_MAX = 0, M_TRIM_THRESHOLD = never
+    for option, v in ((-8, 1), (-4, 0), (-1, -1)):
+        ctypes.CDLL('libc.so.6').mallopt(option, v)
+except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+    pass
 
 import jax
 import numpy as np
@@ -41,7 +42,6 @@ from jax.sharding import PartitionSpec as P
 import data
 import shard
 from model import GPTConfig
-
 
 @dataclass
 class Config:
@@ -89,9 +89,8 @@ class Config:
     overwrite: bool = False  # start afresh in an out_dir that holds checkpoints, deleting them
     sample_tokens: int = 200  # printed at the end; 0 for none
     bench: bool = False  # time the step (compile, ms, tokens/s, MFU, memory), then exit
-    profile: str = ''  # a folder: write a jax.profiler trace of three steps after warm-up
+    profile: str = ''  # with --bench: a folder to write a jax.profiler trace of three steps to
     preset: str = ''
-
 
 PRESETS = {
     # nanoGPT's config/train_shakespeare_char.py; bytes of this ASCII text are its characters
@@ -105,11 +104,8 @@ PRESETS = {
     'gpt2': dict(tokenizer='gpt2', block_size=1024, n_layer=12, n_head=12, n_embd=768, remat='block',
                  batch_size=480, grad_accum=40, max_iters=600000, learning_rate=6e-4, min_lr=6e-5,
                  warmup_iters=2000, eval_interval=1000, eval_iters=100, log_interval=10),
-    'gpt2-medium': dict(tokenizer='gpt2', block_size=1024, n_layer=24, n_head=16, n_embd=1024,
-                        remat='block', batch_size=480, grad_accum=40, max_iters=600000, learning_rate=3e-4,
-                        min_lr=3e-5, warmup_iters=2000, eval_interval=1000, eval_iters=100,
-                        log_interval=10),
 }
+PRESETS['gpt2-medium'] = dict(PRESETS['gpt2'], n_layer=24, n_head=16, n_embd=1024, learning_rate=3e-4, min_lr=3e-5)
 
 # Flags that say how or where to compute, not what: all others must match to --resume a run.
 HOW = {'cache_dir', 'dtype', 'attention', 'remat', 'unroll', 'mesh', 'fsdp', 'distributed', 'grad_accum', 'out_dir',
@@ -123,20 +119,12 @@ PEAK = {'H100 PCIe': (756e12, 51e12), 'H100': (989e12, 67e12), 'H200': (989e12, 
         'A100': (312e12, 19.5e12), 'L4': (121e12, 30.3e12), 'TPU v4': (275e12, None),
         'TPU v5 lite': (197e12, None), 'TPU v5': (459e12, None), 'TPU v6 lite': (918e12, None)}
 
-
-def peak_flops(dtype):  # per device, or None where no data sheet applies (CPUs)
-    kind = jax.devices()[0].device_kind
-    peaks = next((p for name, p in PEAK.items() if name in kind), (None, None))
-    return peaks[dtype == 'float32']
-
-
 def main(argv):
     cfg = data.parse_flags(argv, Config(), PRESETS)
     try:
         run(cfg)
     except (ValueError, FloatingPointError) as e:  # bad input: one line, nothing overwritten
         sys.exit(f"train.py: {e}")
-
 
 def run(cfg):
     if cfg.distributed:  # JAX's multi-process runtime: from here on the devices are every process's
@@ -158,8 +146,7 @@ def run(cfg):
             raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout={cfg.dropout} must be in [0, 1)")
-    gpu = jax.default_backend() == 'gpu'
-    cfg.attention = cfg.attention or ('cudnn' if gpu and cfg.dtype == 'bfloat16' else 'xla')
+    cfg.attention = cfg.attention or ('cudnn' if jax.default_backend() == 'gpu' and cfg.dtype == 'bfloat16' else 'xla')
     cfg.unroll = jax.default_backend() == 'cpu' if cfg.unroll is None else cfg.unroll
     if cfg.init_from:  # the weights set the model's shape; the context may be cut (wpe is cropped)
         fields, cfg.tokenizer = shard.hf_config(cfg.init_from)
@@ -215,31 +202,28 @@ def run(cfg):
 
     if cfg.resume:
         arrays, meta = shard.read(ckpts[-1])
-        saved = meta['config']
-        wrong = [k for k in saved if k not in HOW and k in vars(cfg) and saved[k] != getattr(cfg, k)]
+        wrong = {k: v for k, v in meta['config'].items() if k not in HOW and k in vars(cfg) and v != getattr(cfg, k)}
         if wrong:
-            raise ValueError(f"{ckpts[-1]} was trained with " + ', '.join(f"--{k}={saved[k]}" for k in wrong)
+            raise ValueError(f"{ckpts[-1]} was trained with " + ', '.join(f"--{k}={v}" for k, v in wrong.items())
                              + ": pass the same flags (or its --preset) to continue it exactly")
         state = shard.place(arrays, {'params': params, 'opt': opt_state})
         params, opt_state = state['params'], state['opt']
-        step, cursor = meta['step'], meta['cursor']
-        key = jax.random.wrap_key_data(np.array(meta['key'], np.uint32))
+        step, cursor, key = meta['step'], meta['cursor'], jax.random.wrap_key_data(np.array(meta['key'], np.uint32))
         print(f"resumed from {ckpts[-1]} at step {step}")
     elif cfg.init_from:
         params = shard.from_hf(cfg.init_from, params, model_cfg)
         print(f"loaded the weights of {cfg.init_from}")
-    if ckpts and not cfg.resume and cfg.overwrite and not cfg.bench and not cfg.eval_only and held:
+    if cfg.overwrite and held and not cfg.resume:
         for f in ckpts:
             os.remove(f)
 
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    n_devices = mesh.devices.size
+    n_params, n_devices = sum(x.size for x in jax.tree.leaves(params)), mesh.devices.size
     tokens_per_step = cfg.batch_size * cfg.block_size
-    # Model FLOPs per token (PaLM's appendix B, as nanoGPT): 6 per parameter that multiplies
-    # (forward 2, backward 4; the position embeddings only add) and 12 * L * C * T for the scores
-    # and the weighted sum of attention, counted in full although causal masking skips half.
+    # Model FLOPs per token (PaLM's appendix B, as nanoGPT): 6 per multiplying parameter (forward 2, backward 4;
+    # wpe only adds) and 12 * L * C * T for attention's scores and weighted sum, in full though causal skips half.
     flops_per_token = 6 * (n_params - cfg.block_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    peak = peak_flops(cfg.dtype)
+    peak = next((p for name, p in PEAK.items() if name in jax.devices()[0].device_kind), (None, None))[
+        cfg.dtype == 'float32']  # per device; None where no data sheet applies (CPUs)
     print(f"mesh: {dict(mesh.shape)} over {n_devices} {jax.devices()[0].platform} device(s) "
           f"({jax.devices()[0].device_kind})")
     print(f"model: {n_params / 1e6:.2f}M params ({n_params - cfg.block_size * cfg.n_embd:,} without position "
@@ -320,16 +304,10 @@ def run(cfg):
     pending, start_step, t_start = [], step, time.perf_counter()
     t0 = t_start
     while step < cfg.max_iters:
-        if cfg.profile and step == start_step + 3:  # after warm-up: three steps, then stop
-            jax.profiler.start_trace(cfg.profile)
         batch, cursor = get(train_batches, cursor)
         params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(key, step))
         pending.append(loss)  # read back only at log time, so the host never waits on the device
         step += 1
-        if cfg.profile and step == start_step + 6:
-            jax.block_until_ready(loss)
-            jax.profiler.stop_trace()
-            print(f"wrote a profile of steps {step - 2}-{step} to {cfg.profile}/")
         at_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
         if at_eval or step % cfg.log_interval == 0:  # never save without checking the losses
             # every process stops at the same step: they agree here, where they wait anyway
@@ -364,11 +342,14 @@ def run(cfg):
     print(f"trained {step - start_step} steps in {(time.perf_counter() - t_start) / 60:.1f} min"
           + (f"; peak device memory {peak_mem / 2**30:.2f} GiB" if peak_mem else ''))
 
-    if cfg.sample_tokens:
+    if cfg.sample_tokens:  # with whole weights: FSDP's split is for training
+        model_cfg = dataclasses.replace(model_cfg, fsdp=1)
+        graphdef, whole, specs = shard.init_params(model_cfg, mesh, 0, shard.storage_dtype(vars(cfg)))
+        params = jax.tree.unflatten(jax.tree.structure(whole), [jax.device_put(p, w.sharding) for p, w in
+                                                                zip(jax.tree.leaves(params), jax.tree.leaves(whole))])
         generate = shard.make_sampler(graphdef, specs, mesh, model_cfg, cfg.dtype, temperature=0.8, top_k=200)
         ids = [int(nxt[0]) for nxt, _ in generate(params, [tok.eot], cfg.sample_tokens, key)]
         print('sample:\n' + tok.decode(ids))
-
 
 if __name__ == '__main__':
     main(sys.argv[1:])
