@@ -6,6 +6,8 @@
     python bench.py all         # the three, in that order
     python bench.py sampling [OUT_DIR]   # a checkpoint: tokens/s with and without the KV cache, int8
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench.py memory [MESH]  # FSDP's memory
+    python bench.py changes     # what each CPU speed change bought, at the default and baby shapes
+    python bench.py nanogpt NANOGPT_DIR [PYTHON_WITH_TORCH]   # nanoGPT's step against ours, interleaved
 
 `train.py --bench` calls `training` below on the configured step. The tables' figures are of the
 real training step, `shard.make_train_step` on a one-device 1x1 mesh as `train.py` builds it
@@ -20,6 +22,7 @@ import glob
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -209,6 +212,54 @@ def changes(warmup=3, steps=5):
     model.attention, model.matmul, model.add_bias, model.gelu = kept
 
 
+NANOGPT_STEP = """
+import sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from model import GPT, GPTConfig  # nanoGPT's own model.py, from the clone given
+L, H, C, T, B, n = map(int, sys.argv[2:8])
+torch.manual_seed(0)
+m = GPT(GPTConfig(block_size=T, vocab_size=256, n_layer=L, n_head=H, n_embd=C, dropout=0.0, bias=True))
+opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+x, y = torch.randint(256, (B, T)), torch.randint(256, (B, T))
+for _ in range(n):
+    t = time.perf_counter()
+    _, loss = m(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    print(time.perf_counter() - t, flush=True)
+"""
+
+
+def nanogpt(path, python=sys.executable, rounds=3, warmup=3, steps=5):
+    """nanoGPT's PyTorch training step (model.py from your clone at `path`, run by `python`, which
+    needs torch: float32, dropout 0, its AdamW, clipping at 1.0) against this project's default
+    step (bf16 compute, float32 masters, unrolled layers) at the same shapes, interleaved in one
+    run so that both see the same machine: `rounds` times each, median of `steps` after `warmup`."""
+    shapes = {'default (4/4/128, T=128, B=32)': (4, 4, 128, 128, 32), "baby GPT (6/6/384, T=256, B=64)": (6, 6, 384, 256, 64)}
+    print(f"nanoGPT from {path} (run by {python}) against this project; ms/step per round\n")
+    print("| shape | nanoGPT | this project | nanoGPT / this project |")
+    print("| --- | --- | --- | --- |")
+    for name, (L, H, C, T, B) in shapes.items():
+        exe, (params, opt_state, batch, key), _ = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla', unroll=True)
+        theirs, ours = [], []
+        for _ in range(rounds):
+            out = subprocess.run([python, '-c', NANOGPT_STEP, path, *map(str, (L, H, C, T, B, warmup + steps))],
+                                 capture_output=True, text=True, check=True).stdout.splitlines()
+            theirs.append(np.median([float(t) for t in out[-steps:]]) * 1000)  # its last lines: the timed steps
+            times = []
+            for i in range(warmup + steps):
+                t = time.perf_counter()
+                params, opt_state, loss = exe(params, opt_state, batch, jax.random.fold_in(key, i))
+                jax.block_until_ready(loss)
+                times.append(time.perf_counter() - t)
+            ours.append(np.median(times[warmup:]) * 1000)
+        print(f"| {name} | {', '.join(f'{t:,.0f}' for t in theirs)} | {', '.join(f'{t:,.0f}' for t in ours)} | "
+              f"{np.median(theirs) / np.median(ours):.2f}x |", flush=True)
+        del params, opt_state, exe
+
+
 def compile_time(depths=(6, 12, 24)):
     """A scan over layers compiles one block whatever the depth; unrolled, XLA compiles each."""
     print("Lower + compile of the training step: 4 heads, 256 wide, vocab 256, T=128, B=8 "
@@ -275,12 +326,13 @@ def memory(spec='data=8,model=1'):
 
 
 COMMANDS = {'attention': attention, 'remat': remat, 'compile': compile_time, 'sampling': sampling,
-            'memory': memory, 'changes': changes}
+            'memory': memory, 'changes': changes,
+            'nanogpt': nanogpt}
 
 if __name__ == '__main__':
     name, args = (sys.argv[1:2] or ['all'])[0], sys.argv[2:]  # sampling takes an out_dir (default: out)
-    if name not in (*COMMANDS, 'all') or (args and name not in ('sampling', 'memory')):
-        sys.exit(f"usage: python bench.py {{{'|'.join(COMMANDS)}|all}}  (sampling [OUT_DIR], memory [MESH]; all: the first three)")
+    if name not in (*COMMANDS, 'all') or (args and name not in ('sampling', 'memory', 'nanogpt')):
+        sys.exit(f"usage: python bench.py {{{'|'.join(COMMANDS)}|all}}  (sampling [OUT_DIR], memory [MESH], nanogpt NANOGPT_DIR [TORCH_PYTHON]; all: the first three)")
     print(machine())
     for name in ('attention', 'remat', 'compile') if name == 'all' else [name]:
         t0 = time.perf_counter()
