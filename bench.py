@@ -64,6 +64,19 @@ def build(B, T, vocab=256, **flags):
     return shard.make_train_step(graphdef, specs, mesh, tx, cfg), args
 
 
+def timed_steps(exe, args, warmup, steps):
+    """-> (ms of each of `steps` steps after `warmup`, the clock read once each has finished; the
+    arguments after them: the step donates the params and optimizer state it is given)."""
+    params, opt_state, batch, key = args
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        params, opt_state, loss = exe(params, opt_state, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t)
+    return np.array(times[warmup:]) * 1000, (params, opt_state, batch, key)
+
+
 def compiled(B, T, vocab=256, **flags):  # -> (compiled step, its arguments, lower+compile seconds)
     step, args = build(B, T, vocab, **flags)
     t0 = time.perf_counter()
@@ -156,21 +169,14 @@ def remat(B=4, T=256, warmup=2, steps=3):
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for unroll in (False, True):
         for r in ('none', 'block', 'dots'):
-            exe, (params, opt_state, batch, key), secs = compiled(
-                B, T, 50257, n_layer=12, n_head=12, n_embd=768, attention='xla', remat=r, unroll=unroll)
-            m, times = exe.memory_analysis(), []
-            for i in range(warmup + steps):  # the step donates params and opt_state: keep the new ones
-                jax.block_until_ready((params, opt_state))
-                t = time.perf_counter()
-                params, opt_state, loss = exe(params, opt_state, batch, jax.random.fold_in(key, i))
-                jax.block_until_ready(loss)
-                times.append(time.perf_counter() - t)
-            times = np.array(times[warmup:]) * 1000  # ms
+            exe, args, secs = compiled(B, T, 50257, n_layer=12, n_head=12, n_embd=768, attention='xla',
+                                       remat=r, unroll=unroll)
+            m, (times, args) = exe.memory_analysis(), timed_steps(exe, args, warmup, steps)
             temp, arg = m.temp_size_in_bytes / MiB, m.argument_size_in_bytes / MiB
             print(f"| {'unrolled' if unroll else 'scanned'} | {r} | {temp:,.0f} | {arg:,.0f} | {temp + arg:,.0f} | "
                   f"{secs:.1f} | {np.median(times):,.0f} ({times.min():,.0f}-{times.max():,.0f}) | "
                   f"{B * T / np.median(times) * 1000:,.0f} |", flush=True)
-            del params, opt_state, exe  # free this step's buffers before the next is built
+            del args, exe  # free this step's buffers before the next is built
 
 
 def changes(warmup=3, steps=5):
@@ -199,15 +205,9 @@ def changes(warmup=3, steps=5):
         model.gelu = kept[3] if n >= 4 else before[3]
         row = []
         for shape in shapes.values():
-            exe, (params, opt_state, batch, key), _ = compiled(**shape, attention='xla', unroll=n >= 5)
-            times = []
-            for i in range(warmup + steps):
-                t = time.perf_counter()
-                params, opt_state, loss = exe(params, opt_state, batch, jax.random.fold_in(key, i))
-                jax.block_until_ready(loss)
-                times.append(time.perf_counter() - t)
-            row.append(f"{np.median(times[warmup:]) * 1000:,.0f}")
-            del params, opt_state, exe
+            exe, args, _ = compiled(**shape, attention='xla', unroll=n >= 5)
+            row.append(f"{np.median(timed_steps(exe, args, warmup, steps)[0]):,.0f}")
+            del args, exe
         print(f"| {name} | " + " | ".join(row) + " |", flush=True)
     model.attention, model.matmul, model.add_bias, model.gelu = kept
 
@@ -242,22 +242,17 @@ def nanogpt(path, python=sys.executable, rounds=3, warmup=3, steps=5):
     print("| shape | nanoGPT | this project | nanoGPT / this project |")
     print("| --- | --- | --- | --- |")
     for name, (L, H, C, T, B) in shapes.items():
-        exe, (params, opt_state, batch, key), _ = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla', unroll=True)
+        exe, args, _ = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla', unroll=True)
         theirs, ours = [], []
         for _ in range(rounds):
             out = subprocess.run([python, '-c', NANOGPT_STEP, path, *map(str, (L, H, C, T, B, warmup + steps))],
                                  capture_output=True, text=True, check=True).stdout.splitlines()
             theirs.append(np.median([float(t) for t in out[-steps:]]) * 1000)  # its last lines: the timed steps
-            times = []
-            for i in range(warmup + steps):
-                t = time.perf_counter()
-                params, opt_state, loss = exe(params, opt_state, batch, jax.random.fold_in(key, i))
-                jax.block_until_ready(loss)
-                times.append(time.perf_counter() - t)
-            ours.append(np.median(times[warmup:]) * 1000)
+            times, args = timed_steps(exe, args, warmup, steps)
+            ours.append(np.median(times))
         print(f"| {name} | {', '.join(f'{t:,.0f}' for t in theirs)} | {', '.join(f'{t:,.0f}' for t in ours)} | "
               f"{np.median(theirs) / np.median(ours):.2f}x |", flush=True)
-        del params, opt_state, exe
+        del args, exe
 
 
 def compile_time(depths=(6, 12, 24)):
