@@ -82,14 +82,13 @@ def assert_close(a, b, rel=1e-5):
 
 # --- the model ----------------------------------------------------------------------------------
 
-def nnx_pure(params):  # an nnx.State as nested dicts of arrays
-    return model.nnx.to_pure_dict(params)
+def forward(graphdef, specs, mesh):  # -> jitted (params, idx (B, T)) -> (B, T, padded vocab), no cache
+    return jax.jit(jax.shard_map(lambda p, i: model.nnx.merge(graphdef, p)(i)[0], mesh=mesh,
+                                 in_specs=(specs, P()), out_specs=P()))
 
 
 def full_logits(graphdef, specs, mesh, params, idx):  # (B, T) -> (B, T, vocab), no cache
-    f = jax.shard_map(lambda p, i: model.nnx.merge(graphdef, p)(i)[0], mesh=mesh, in_specs=(specs, P()),
-                      out_specs=P())
-    return np.asarray(jax.jit(f)(params, idx))[..., :CFG.vocab_size]
+    return np.asarray(forward(graphdef, specs, mesh)(params, idx))[..., :CFG.vocab_size]
 
 
 def logits_on_1x1(idx):
@@ -458,12 +457,11 @@ def test_kv_cache_slides_past_the_context():
         generate = shard.make_sampler(graphdef, specs, mesh, CFG, 'float32', temperature=0)
         ids = [3, 1, 4]
         context = len(ids)
-        forward = jax.jit(jax.shard_map(lambda p, i: model.nnx.merge(graphdef, p)(i)[0], mesh=mesh,
-                                        in_specs=(specs, P()), out_specs=P()))
+        logits = forward(graphdef, specs, mesh)  # built once: one compilation for every window
         for nxt, _ in generate(params, ids, 3 * S, jax.random.key(0)):
             window = np.zeros((1, S), np.int32)  # one shape, one compilation; causal: the padding is never read
             window[0, :context] = ids[-context:]
-            assert nxt[0] == np.asarray(forward(params, window))[0, context - 1, :CFG.vocab_size].argmax()
+            assert nxt[0] == np.asarray(logits(params, window))[0, context - 1, :CFG.vocab_size].argmax()
             ids.append(int(nxt[0]))
             context = context + 1 if context < S else S // 2  # a full cache is refilled with half
 
@@ -490,7 +488,7 @@ def test_int8_weights_within_half_a_step(spec):
     groups = mesh.shape['model']
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
-        before = jax.device_get(nnx_pure(params))
+        before = jax.device_get(model.nnx.to_pure_dict(params))
         idx = tokens(1, (2, 16))
         logits = full_logits(graphdef, specs, mesh, params, idx)
         params = shard.quantize(params, mesh)
