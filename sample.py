@@ -5,101 +5,228 @@
     python sample.py --start=FILE:prompt.txt --temperature=0 --seed=1   # greedy
     python sample.py --init_from=gpt2 --top_p=0.9      # GPT-2's weights, in Hugging Face's layout
     python sample.py --quantize=int8                   # int8 weights
-    python sample.py --export=my-gpt2                  # write the checkpoint as GPT-2, for transformers
+    python sample.py --export=my-gpt2                  # the checkpoint as GPT-2, for transformers
 
-The model and tokenizer come from the checkpoint's saved config; the weights are loaded
-onto a mesh of all devices (--mesh as in training, e.g. model=2 to split a big model), and run
-through the same shard_map code as training. The first sample is printed as it is produced.
+The model and tokenizer come from the checkpoint's saved config; the weights are loaded onto a
+mesh of all devices (--mesh as in training, e.g. model=2 to split a big model) and run through
+the same shard_map code as training. The first sample is printed as it is produced.
 
-Needs: model.py (GPTConfig), shard.py (mesh, params, checkpoints, the sampler), data.py (flags,
-tokenizers).
+Needs: model.py (GPTConfig), shard.py (mesh, params), checkpoint.py (reading one), hf.py
+(GPT-2's weights), data.py (tokenizers), flags.py (the command line).
 """
-import glob
-import os
+import codecs
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+import checkpoint
 import data
+import flags
+import hf
 import shard
+from flags import flag
 from model import GPTConfig
+
 
 @dataclass
 class SampleConfig:
-    out_dir: str = 'out'  # the folder train.py wrote its checkpoints to
-    start: str = '\n'  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 2
-    max_new_tokens: int = 300
-    temperature: float = 0.8  # < 1 sharper, > 1 more random, 0 always the most likely token
-    top_k: int = 200  # keep the k most likely tokens; 0 keeps all
-    top_p: float = 1.0  # keep the fewest most likely tokens whose probabilities reach top_p; 1 keeps all
-    seed: int = 1337
-    mesh: str = ''
-    init_from: str = ''  # sample GPT-2's weights instead: a folder with config.json, model.safetensors
-    dtype: str = ''  # bfloat16 | float32; empty: the weights' own (float32 masters: float32, exact)
-    quantize: str = ''  # int8: the layers' matmul weights stored as int8 (shard.quantize), for sampling
-    export: str = ''  # write the checkpoint as GPT-2 in Hugging Face's layout to this folder, exit
-    cache: bool = True  # False reruns the whole context for every new token (to compare)
+    out_dir: str = flag('out', 'the folder train.py wrote its checkpoints to')
+    start: str = flag('\n', 'the prompt, or FILE:path to read it from a file')
+    num_samples: int = flag(2, 'samples drawn side by side', within='[1, inf)')
+    max_new_tokens: int = flag(300, 'tokens to draw per sample', within='[0, inf)')
+    temperature: float = flag(0.8, 'below 1 sharper, above 1 more random, 0 always the most '
+                              'likely token (greedy)', within='[0, inf)')
+    top_k: int = flag(200, 'keep the k most likely tokens; 0 keeps all', within='[0, inf)')
+    top_p: float = flag(1.0, 'keep the fewest most likely tokens whose probabilities reach top_p; '
+                        '1 keeps all', within='(0, 1]')
+    seed: int = flag(1337, 'seeds the draws', within='[0, 2**63)')
+    mesh: str = flag('', 'e.g. model=2 to split a big model; empty: every device on data')
+    init_from: str = flag('', "sample GPT-2's weights instead: a folder with Hugging Face's "
+                          'config.json and model.safetensors')
+    dtype: str = flag('', "what the model computes with; '' the weights' own (float32 masters: "
+                      'float32, exact)', choices=('bfloat16', 'float32', ''))
+    quantize: str = flag('', "int8: the layers' matmul weights stored as int8 (quantize below)",
+                         choices=('int8', ''))
+    export: str = flag('', "write the checkpoint as GPT-2 in Hugging Face's layout to this "
+                       'folder, then exit')
+    cache: bool = flag(True, 'False reruns the whole context for every new token (to compare)')
 
-def check(cfg):
-    for name, ok, rule in (('temperature', cfg.temperature >= 0, '>= 0 (0 is greedy)'),
-                           ('top_k', cfg.top_k >= 0, '>= 0 (0 keeps every token)'),
-                           ('top_p', 0 < cfg.top_p <= 1, 'in (0, 1] (1 keeps every token)'),
-                           ('num_samples', cfg.num_samples >= 1, 'at least 1'),
-                           ('max_new_tokens', cfg.max_new_tokens >= 0, '>= 0'),
-                           ('dtype', cfg.dtype in ('', 'bfloat16', 'float32'), 'bfloat16 or float32'),
-                           ('quantize', cfg.quantize in ('', 'int8'), "int8 (or '' for none)")):
-        if not ok:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must be {rule}")
+
+# --- int8 weights -------------------------------------------------------------------------------
+@partial(jax.tree_util.register_dataclass, data_fields=['q', 'scale'], meta_fields=[])
+@dataclass
+class Int8:
+    """A weight stored as int8: w ~ q * scale, one scale per output channel and per group of input
+    rows; w[...] dequantizes it, in the scale's dtype, wherever the model reads a weight."""
+    q: jax.Array  # int8, the weight's shape: (in, out...)
+    scale: jax.Array  # (groups, out...): the input axis cut into groups, each with its own scale
+
+    def __getitem__(self, index):
+        groups = self.scale.shape[0]
+        q = self.q.reshape(groups, -1, *self.q.shape[1:])  # (groups, in / groups, out...)
+        w = q.astype(self.scale.dtype) * self.scale[:, None]
+        return w.reshape(self.q.shape)[index]
+
+
+KERNELS = (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj'))
+
+
+def quantize(params, mesh):
+    """int8 weights for the layers' four matmul kernels: a float32 scale, max |w| / 127, per
+    output channel and per model-axis group of input rows, so that each device's shard of a
+    row-parallel kernel has its own scales and every layout stays as written."""
+    layers = params['h']
+    for module, name in KERNELS:
+        weight = layers[module][name]
+        w = np.asarray(jax.device_get(weight[...]), np.float32)  # (L, in, out...)
+        grouped = w.reshape(w.shape[0], mesh.shape['model'], -1, *w.shape[2:])  # (L, g, in/g, ..)
+        scale = np.maximum(np.abs(grouped).max(2), 1e-30) / 127  # (L, groups, out...)
+        q = np.round(grouped / scale[:, :, None]).astype(np.int8).reshape(w.shape)
+        sharding = weight[...].sharding
+        weight.set_value(Int8(jax.device_put(q, sharding), jax.device_put(scale, sharding)))
+    return params
+
+
+# --- the next token -------------------------------------------------------------------------------
+def pick(logits, key, temperature, top_k, top_p):
+    """(N, vocab) float32 logits -> (N,) next ids. temperature 0 is greedy; top_k keeps the k most
+    likely tokens (0: all); top_p keeps the fewest whose probabilities add up to top_p (nucleus)."""
+    if temperature == 0:
+        return jnp.argmax(logits, -1)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1:
+        ranked = jnp.sort(logits, -1)[:, ::-1]  # descending
+        p = jax.nn.softmax(ranked, -1)
+        keep = jnp.sum(jnp.cumsum(p, -1) - p < top_p, -1)  # those with < top_p mass before them
+        smallest_kept = jnp.take_along_axis(ranked, keep[:, None] - 1, -1)
+        logits = jnp.where(logits < smallest_kept, -jnp.inf, logits)
+    return jax.random.categorical(key, logits)
+
+
+# --- the KV-cache sampler -------------------------------------------------------------------------
+CACHE = P(None, None, None, 'model', None)  # (L, N, S, heads, head_dim): heads split, as attention
+
+
+def make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=1.0, top_k=0, top_p=1.0):
+    """-> generate(params, prompt, max_new_tokens, key, num_samples=1, cached=True), which yields
+    (next ids (N,), their logits (N, vocab)) once per new token. With the cache, one pass over the
+    prompt fills it, then each step runs the newest token alone; a full cache (block_size) is
+    refilled with the newest half of the text, recomputed at its new positions. cached=False
+    reruns the newest block_size tokens for every token, as a model without a cache must: the
+    same tokens, to test and time against."""
+    def local(params, idx, cache, start, last, key, i):  # idx (N, T): tokens at start..start+T-1
+        logits, cache = nnx.merge(graphdef, params)(idx, cache=cache, start=start)
+        logits = logits[:, last, :cfg.vocab_size]  # (N, vocab) at idx[:, last], padding dropped
+        next_ids = pick(logits, jax.random.fold_in(key, i), temperature, top_k, top_p)
+        return next_ids, logits, cache
+
+    # The model axis splits the cache by heads; the samples are replicated over 'data'.
+    local = jax.shard_map(local, mesh=mesh, in_specs=(specs, P(), CACHE, P(), P(), P(), P()),
+                          out_specs=(P(), P(), CACHE))
+    step = jax.jit(local, donate_argnums=(2,))  # the cache is updated in place
+    S = cfg.block_size
+
+    def generate(params, prompt, max_new_tokens, key, num_samples=1, cached=True):
+        shape = (cfg.n_layer, num_samples, S, cfg.n_head, cfg.n_embd // cfg.n_head)
+        cache = [jnp.zeros(shape, dtype, device=jax.NamedSharding(mesh, CACHE)) for _ in 'kv']
+        # the newest S tokens of each sample: all that a prefill ever reads
+        recent = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))[:, -S:]
+        params, n = shard.cast(params, dtype), 0  # n: tokens in the cache, at positions 0..n-1
+        for i in range(max_new_tokens):
+            if cached and 0 < n < S:  # decode: the newest token alone, at position n
+                next_ids, logits, cache = step(params, recent[:, -1:], cache, n, 0, key, i)
+                n += 1
+            else:  # prefill: the prompt, a full cache's newest half, or (uncached) everything
+                if not cached:
+                    n, width = min(recent.shape[1], S), S
+                else:
+                    n = min(recent.shape[1], S // 2 if n == S else S)
+                    width = min(S, 1 << (n - 1).bit_length())  # powers of two: few compilations
+                window = np.zeros((num_samples, width), np.int32)  # causal: padding never read
+                window[:, :n] = recent[:, -n:]
+                next_ids, logits, cache = step(params, window, cache, 0, n - 1, key, i)
+            next_ids = np.asarray(next_ids, np.int32)
+            recent = np.concatenate([recent, next_ids[:, None]], 1)[:, -S:]
+            yield next_ids, logits
+
+    return generate
+
+
+# --- the script -----------------------------------------------------------------------------------
+def load_checkpoint(out_dir, mesh):
+    """-> (model config, graphdef, params, specs, meta) of the newest checkpoint in out_dir, with
+    whole weights (FSDP's split is for training), on `mesh`."""
+    paths = checkpoint.in_folder(out_dir)
+    if not paths:
+        raise ValueError(f"no checkpoint in {out_dir}/: run python train.py first, or pass "
+                         "--out_dir")
+    arrays, meta = checkpoint.read(paths[-1])
+    model_cfg = GPTConfig(**{**meta['model'], 'fsdp': 1})
+    shard.check_divisible(model_cfg, mesh)
+    graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, meta['params_dtype'])
+    params = shard.place(arrays, {'params': params})['params']
+    return model_cfg, graphdef, params, specs, meta
+
+
+def load_gpt2(folder, mesh):  # the same, from GPT-2's weights in Hugging Face's layout
+    fields, tokenizer = hf.read_config(folder)
+    model_cfg = GPTConfig(**fields)
+    shard.check_divisible(model_cfg, mesh)
+    graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, 'float32')
+    params = hf.load(folder, params, model_cfg)
+    meta = dict(config=dict(tokenizer=tokenizer), params_dtype='float32')
+    return model_cfg, graphdef, params, specs, meta
+
 
 def main(argv):
-    cfg = data.parse_flags(argv, SampleConfig(), presets={})
+    cfg = flags.parse('sample.py', argv, SampleConfig())
     try:
-        check(cfg)
+        mesh = shard.make_mesh(cfg.mesh)
+        jax.set_mesh(mesh)
         if cfg.init_from:
-            fields, tokenizer = shard.hf_config(cfg.init_from)
-            model_cfg, dtype, storage = GPTConfig(**fields), cfg.dtype or 'float32', 'float32'
+            model_cfg, graphdef, params, specs, meta = load_gpt2(cfg.init_from, mesh)
         else:
-            ckpts = sorted(glob.glob(os.path.join(cfg.out_dir, 'ckpt_*.npz')))
-            if not ckpts:
-                raise ValueError(f"no checkpoint in {cfg.out_dir}/: run python train.py first, or pass --out_dir")
-            arrays, meta = shard.read(ckpts[-1])
-            model_cfg, tokenizer = GPTConfig(**{**meta['model'], 'fsdp': 1}), meta['config']['tokenizer']  # whole weights
-            storage = shard.storage_dtype(meta['config'])
-            dtype = cfg.dtype or storage  # on a CPU also the faster: bf16 weights are widened every token
+            model_cfg, graphdef, params, specs, meta = load_checkpoint(cfg.out_dir, mesh)
+        tokenizer = meta['config']['tokenizer']
         tok = data.get_tokenizer(tokenizer)
         start = Path(cfg.start[5:]).read_text() if cfg.start.startswith('FILE:') else cfg.start
-        mesh = shard.make_mesh(cfg.mesh)
-        shard.check_divisible(model_cfg, mesh)
-        jax.set_mesh(mesh)
-        graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, storage)
-        params = shard.from_hf(cfg.init_from, params, model_cfg) if cfg.init_from else \
-            shard.place(arrays, {'params': params})['params']
         if cfg.export:
-            shard.export_hf(cfg.export, params, model_cfg, tokenizer)
-            return print(f"wrote {cfg.export}/config.json and model.safetensors (Hugging Face's GPT-2 layout)")
+            hf.export(cfg.export, params, model_cfg, tokenizer, tok.eot)
+            print(f"wrote {cfg.export}/config.json and model.safetensors (Hugging Face's GPT-2 "
+                  "layout)")
+            return
         if cfg.quantize:
-            params = shard.quantize(params, mesh)
+            params = quantize(params, mesh)
     except (ValueError, OSError) as e:  # one line, as train.py
         sys.exit(f"sample.py: {e}")
     prompt = tok.encode(start).tolist() or [tok.eot]
-    generate = shard.make_sampler(graphdef, specs, mesh, model_cfg, dtype, cfg.temperature, cfg.top_k, cfg.top_p)
+    generate = make_sampler(graphdef, specs, mesh, model_cfg, cfg.dtype or meta['params_dtype'],
+                            cfg.temperature, cfg.top_k, cfg.top_p)
 
-    rows, shown = [], tok.decode(prompt)
-    print(shown, end='', flush=True)
-    for nxt, _ in generate(params, prompt, cfg.max_new_tokens, jax.random.key(cfg.seed), cfg.num_samples, cfg.cache):
-        rows.append(nxt)
-        text = tok.decode(prompt + [r[0] for r in rows])  # the first sample, so far
-        if not text.endswith('\ufffd'):  # not in the middle of a multi-byte character
-            print(text[len(shown):], end='', flush=True)
-            shown = text
-    rows = np.stack(rows, 1) if rows else np.zeros((cfg.num_samples, 0), np.int32)
-    print(tok.decode(prompt + rows[0].tolist())[len(shown):] + '\n---------------')
-    for row in rows[1:]:
+    # The first sample is printed as it comes, through a UTF-8 decoder that holds back the bytes
+    # of a character until it is whole: each token costs the same, however long the text.
+    print(tok.decode(prompt), end='', flush=True)
+    utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
+    rows = []
+    key = jax.random.key(cfg.seed)
+    for next_ids, _ in generate(params, prompt, cfg.max_new_tokens, key, cfg.num_samples,
+                                cfg.cache):
+        rows.append(next_ids)
+        print(utf8.decode(tok.to_bytes(next_ids[:1])), end='', flush=True)
+    print(utf8.decode(b'', final=True) + '\n---------------')
+    for row in np.stack(rows, 1)[1:] if rows else []:
         print(tok.decode(prompt + row.tolist()) + '\n---------------')
+
 
 if __name__ == '__main__':
     main(sys.argv[1:])

@@ -1,0 +1,90 @@
+"""A run's folder on disk, written so that a kill at any moment loses nothing: atomic writes,
+checkpoints (numpy arrays and a JSON header in one .npz, found by the step they hold), and the
+lock that keeps one run per folder. Plain numpy and the standard library: no device here.
+
+Needs: nothing from the other files.
+"""
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+NAME = re.compile(r'ckpt_(\d+)\.npz')  # ckpt_0000600.npz holds step 600
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file, flush it to disk, then rename it to path: a kill at any
+    moment leaves the old file or the new one, never half of one. A write that fails (a full
+    disk) removes its temporary file and leaves the old one as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def path_for(out_dir, step):
+    return Path(out_dir) / f'ckpt_{step:07d}.npz'
+
+
+def in_folder(out_dir):
+    """The checkpoints in out_dir, oldest first by the step in their names; files that do not
+    match the name exactly (a user's ckpt_old.npz, a .tmp) are not checkpoints."""
+    steps = {}
+    for p in Path(out_dir).glob('ckpt_*.npz'):
+        match = NAME.fullmatch(p.name)
+        if match:
+            steps[int(match.group(1))] = p
+    return [steps[s] for s in sorted(steps)]
+
+
+def save(path, arrays, meta):
+    """{name: numpy array} and a JSON-able dict -> one .npz file, atomically. No pickle anywhere:
+    bf16 is stored as its uint16 bits, the dict as UTF-8 JSON bytes."""
+    stored = {k: a.view(np.uint16) if a.dtype == ml_dtypes.bfloat16 else a
+              for k, a in arrays.items()}
+    stored['__meta__'] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    atomic_write(path, lambda f: np.savez(f, **stored))
+
+
+def read(path):
+    """-> (arrays, meta) of a checkpoint, or a ValueError saying it is corrupt."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(arrays.pop('__meta__').tobytes())
+    except FileNotFoundError:  # listed a moment ago: something else deletes checkpoints here
+        raise ValueError(f"checkpoint {path} vanished while it was being read: is another "
+                         "program deleting checkpoints in that folder?") from None
+    except Exception as e:  # truncated zip, bad CRC, missing meta, bad JSON: all one to the user
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): "
+                         "delete it to resume from an earlier one") from None
+    bf16 = {k: a.view(ml_dtypes.bfloat16) for k, a in arrays.items() if a.dtype == np.uint16}
+    return {**arrays, **bf16}, meta
+
+
+def lock(folder):
+    """Lock folder/lock for as long as this process lives (the OS drops the lock when the process
+    dies, even by kill -9: never stale). -> (the open file, to keep, None), or (None, the pid of
+    the process that holds it)."""
+    f = open(Path(folder) / 'lock', 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        return None, f.read().strip() or '?'
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f, None
