@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 import data
+import perf
 import sample
 import shard
 import train
@@ -307,6 +308,7 @@ if __name__ == '__main__':
     name, args = (sys.argv[1:2] or ['all'])[0], sys.argv[2:]
     if name not in (*COMMANDS, 'all') or (args and name not in ('sampling', 'memory', 'nanogpt')):
         sys.exit(USAGE)
+    perf.keep_freed_memory()  # as train.py, so times compare with `train.py --bench`
     print(machine())
     for name in ('attention', 'remat', 'compile') if name == 'all' else [name]:
         t0 = time.perf_counter()

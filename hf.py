@@ -41,13 +41,13 @@ def read_safetensors(path):
             header = json.loads(f.read(n))
         raw = np.memmap(path, np.uint8, 'r', offset=8 + n)  # read from disk as each is used
         out = {}
-        for name, t in header.items():
+        for name, entry in header.items():
             if name == '__metadata__':
                 continue
-            a = raw[slice(*t['data_offsets'])].view(SAFETENSORS_DTYPES[t['dtype']])
-            if t['dtype'] == 'BF16':  # a bf16 number is the top half of a float32's bits
+            a = raw[slice(*entry['data_offsets'])].view(SAFETENSORS_DTYPES[entry['dtype']])
+            if entry['dtype'] == 'BF16':  # a bf16 number is the top half of a float32's bits
                 a = (a.astype('<u4') << 16).view('<f4')
-            out[name] = np.array(a, np.float32).reshape(t['shape'])
+            out[name] = np.array(a, np.float32).reshape(entry['shape'])
         return out
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a readable safetensors file of F32, F16 or BF16 tensors "
@@ -77,15 +77,15 @@ def read_config(folder):
     """config.json -> (the GPTConfig fields it sets, the tokenizer's name), or a ValueError naming
     what this model cannot express."""
     try:
-        c = json.loads((Path(folder) / 'config.json').read_text())
-        inner = c.get('n_inner') and 4 * c['n_embd']  # None means 4 * n_embd, the only width here
+        config = json.loads((Path(folder) / 'config.json').read_text())
+        inner = config.get('n_inner') and 4 * config['n_embd']  # None: 4 n_embd, the only width
         for k, want in {**FIXED, 'n_inner': inner}.items():
-            if c.get(k, want) != want:
-                raise ValueError(f"{folder}/config.json has {k}={c[k]!r}, but this model is GPT-2, "
-                                 f"with {k}={want!r}")
-        fields = dict(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'],
-                      block_size=c['n_positions'], vocab_size=c['vocab_size'], bias=True)
-        return fields, c.get('jaxgpt_tokenizer', 'gpt2')
+            if config.get(k, want) != want:
+                raise ValueError(f"{folder}/config.json has {k}={config[k]!r}, but this model is "
+                                 f"GPT-2, with {k}={want!r}")
+        fields = dict(n_layer=config['n_layer'], n_head=config['n_head'], n_embd=config['n_embd'],
+                      block_size=config['n_positions'], vocab_size=config['vocab_size'], bias=True)
+        return fields, config.get('jaxgpt_tokenizer', 'gpt2')
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"--init_from={folder}: no usable config.json ({type(e).__name__}: "
                          f"{e}): pass a folder holding GPT-2's config.json and model.safetensors"

@@ -6,10 +6,12 @@ that was never stopped.
 """
 import os
 
-os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                           + ' --xla_force_host_platform_device_count=8')
 # Many tests (and the train.py runs they start) compile the same small programs: one compilation
 # cache for this session, on disk so that subprocesses share it, makes the repeats loads.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', __import__('tempfile').mkdtemp(prefix='jaxgpt-test-cache-'))
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      __import__('tempfile').mkdtemp(prefix='jaxgpt-test-cache-'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import checkpoint
 import data
@@ -39,7 +42,6 @@ import sample
 import shard
 import train
 from model import GPTConfig
-from jax.sharding import PartitionSpec as P
 
 HERE = Path(__file__).parent
 CFG = GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=8, n_embd=64)
@@ -77,7 +79,9 @@ def grads_on(spec, cfg=CFG, dtype=jnp.float32, batch=None, apply=None, **kw):
         batch = tokens(0) if batch is None else batch
         loss, grads = grads_fn(graphdef, specs, mesh, tc)(params, batch, jax.random.key(0))
         given = grads if apply is None else jax.tree.unflatten(  # the same gradients, on this mesh
-            jax.tree.structure(params), [jax.device_put(g, p.sharding) for g, p in zip(jax.tree.leaves(apply), jax.tree.leaves(params))])
+            jax.tree.structure(params),
+            [jax.device_put(g, p.sharding)
+             for g, p in zip(jax.tree.leaves(apply), jax.tree.leaves(params))])
         tx = train.make_optimizer(tc, params)
         update = jax.jit(lambda p, g: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))
         return jax.device_get((loss, grads, update(params, given)))
@@ -92,7 +96,8 @@ def assert_close(a, b, rel=1e-5):
 
 # --- the model ----------------------------------------------------------------------------------
 
-def forward(graphdef, specs, mesh):  # -> jitted (params, idx (B, T)) -> (B, T, padded vocab), no cache
+def forward(graphdef, specs, mesh):
+    # -> jitted (params, idx (B, T)) -> (B, T, padded vocab), no cache
     return jax.jit(jax.shard_map(lambda p, i: model.nnx.merge(graphdef, p)(i)[0], mesh=mesh,
                                  in_specs=(specs, P()), out_specs=P()))
 
@@ -142,7 +147,8 @@ def reference():
     return grads_on('data=1,model=1')
 
 
-@pytest.mark.parametrize('spec', ['data=8,model=1', 'data=4,model=2', 'data=2,model=4', 'data=1,model=8'])
+@pytest.mark.parametrize('spec', ['data=8,model=1', 'data=4,model=2', 'data=2,model=4',
+                                  'data=1,model=8'])
 def test_sharded_equals_unsharded(spec, reference):
     ref_loss, ref_grads, ref_params = reference
     loss, grads, params = grads_on(spec, apply=ref_grads)
@@ -172,10 +178,14 @@ def test_fsdp_equals_unsharded(spec, reference):
         opt_state = jax.jit(train.make_optimizer(tcfg(), params).init)(params)
     split = [(x, s) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(specs)) if 'data' in s]
     for x, s in split:
-        assert x.addressable_shards[0].data.size == x.size // n_data // (mesh.shape['model'] if 'model' in s else 1)
-    assert sum(x.nbytes for x, _ in split) > 0.95 * sum(x.nbytes for x in jax.tree.leaves(params))
-    for tree in (params, opt_state):  # weights, and Adam's moments: 1/data of the bytes per device, or less
-        assert shard.per_device_bytes(tree) < 1.1 * sum(x.nbytes for x in jax.tree.leaves(tree)) / n_data
+        assert (x.addressable_shards[0].data.size
+                == x.size // n_data // (mesh.shape['model'] if 'model' in s else 1))
+    assert (sum(x.nbytes for x, _ in split)
+            > 0.95 * sum(x.nbytes for x in jax.tree.leaves(params)))
+    # weights, and Adam's moments: 1/data of the bytes per device, or less
+    for tree in (params, opt_state):
+        assert (shard.per_device_bytes(tree)
+                < 1.1 * sum(x.nbytes for x in jax.tree.leaves(tree)) / n_data)
 
 
 def test_accumulation_equals_one_big_batch():
@@ -200,29 +210,36 @@ def test_weight_decay_only_on_matrices():
 
 def replica_groups(line):
     """The device groups of an HLO collective, from any of the ways XLA prints them:
-    {{0,2,4,6},{1,3,5,7}}; as an iota, [2,4]<=[4,2]T(1,0); by mesh axes, mesh['data'=4,'model'=2] {'data'}."""
+    {{0,2,4,6},{1,3,5,7}}; as an iota, [2,4]<=[4,2]T(1,0); by mesh axes,
+    mesh['data'=4,'model'=2] {'data'}."""
     m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
     if m:  # the groups run along the named axes, one group per position on the others
         axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
         names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
         over = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(2))]
-        ids = np.arange(math.prod(sizes)).reshape(sizes).transpose([i for i in range(len(sizes)) if i not in over] + over)
+        others = [i for i in range(len(sizes)) if i not in over]
+        ids = np.arange(math.prod(sizes)).reshape(sizes).transpose(others + over)
         return sorted(tuple(g) for g in ids.reshape(-1, math.prod(sizes[i] for i in over)).tolist())
     m = re.search(r'replica_groups=(\{[\d,{}]*\})', line)
     if m:
-        return sorted(tuple(map(int, g.split(','))) for g in re.findall(r'\{([\d,]+)\}', m.group(1)))
-    shape, dims, perm = re.search(r'replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?', line).groups()
+        return sorted(tuple(map(int, g.split(',')))
+                      for g in re.findall(r'\{([\d,]+)\}', m.group(1)))
+    iota = r'replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?'
+    shape, dims, perm = re.search(iota, line).groups()
     ids = np.arange(math.prod(map(int, dims.split(',')))).reshape([int(d) for d in dims.split(',')])
     ids = ids.transpose([int(p) for p in perm.split(',')]) if perm else ids
     return sorted(tuple(g) for g in ids.reshape([int(s) for s in shape.split(',')]).tolist())
 
 
 def test_replica_groups_parser():
-    assert replica_groups('x, replica_groups={{0,2,4,6},{1,3,5,7}}, y') == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    assert (replica_groups('x, replica_groups={{0,2,4,6},{1,3,5,7}}, y')
+            == [(0, 2, 4, 6), (1, 3, 5, 7)])
     assert replica_groups('x, replica_groups=[2,4]<=[4,2]T(1,0), y') == [(0, 2, 4, 6), (1, 3, 5, 7)]
     assert replica_groups('x, replica_groups=[4,2]<=[8], y') == [(0, 1), (2, 3), (4, 5), (6, 7)]
-    assert replica_groups("x, replica_groups=mesh['data'=4,'model'=2] {'data'}, y") == [(0, 2, 4, 6), (1, 3, 5, 7)]
-    assert replica_groups("x, replica_groups=mesh['data'=4,'model'=2] {'model'}, y") == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert (replica_groups("x, replica_groups=mesh['data'=4,'model'=2] {'data'}, y")
+            == [(0, 2, 4, 6), (1, 3, 5, 7)])
+    assert (replica_groups("x, replica_groups=mesh['data'=4,'model'=2] {'model'}, y")
+            == [(0, 1), (2, 3), (4, 5), (6, 7)])
 
 
 def test_remat_gives_the_same_gradients(reference):
@@ -242,14 +259,17 @@ def test_blockwise_attention_matches_xla(T):
     """Flash attention's outputs and gradients equal the textbook formula's: float32, 2e-5."""
     q, k, v, w = (jax.random.normal(jax.random.key(i), (2, T, 3, 16)) for i in range(4))
     pos = jnp.arange(T)
+
     def loss(impl):  # a random weighting of the outputs, so every gradient entry matters
-        return jax.value_and_grad(lambda q, k, v: (model.attention(q, k, v, pos, pos, impl) * w).sum(), (0, 1, 2))
+        return jax.value_and_grad(
+            lambda q, k, v: (model.attention(q, k, v, pos, pos, impl) * w).sum(), (0, 1, 2))
     (lx, gx), (lb, gb) = loss('xla')(q, k, v), loss('blockwise')(q, k, v)
     assert abs(lb - lx) <= 2e-5 * abs(lx)
     assert_close(gb, gx, rel=2e-5)
     if jax.default_backend() == 'gpu':  # cuDNN's kernel, in bf16, where there is one
         bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
-        np.testing.assert_allclose(model.attention(*bf, pos, pos, 'cudnn'), model.attention(*bf, pos, pos, 'xla'), atol=2e-2)
+        np.testing.assert_allclose(model.attention(*bf, pos, pos, 'cudnn'),
+                                   model.attention(*bf, pos, pos, 'xla'), atol=2e-2)
 
 
 def test_blockwise_model_in_shard_map(reference):
@@ -263,13 +283,15 @@ def test_blockwise_model_in_shard_map(reference):
 def test_schedule_first_step_learns():
     tc = tcfg(warmup_iters=10, learning_rate=1e-3, max_iters=100, min_lr=1e-4)
     lr = train.lr_schedule(tc)
-    np.testing.assert_allclose([lr(0), lr(9), lr(10), lr(100)], [1e-3 / 11, 1e-3 * 10 / 11, 1e-3, 1e-4], rtol=1e-6)
+    np.testing.assert_allclose([lr(0), lr(9), lr(10), lr(100)],
+                               [1e-3 / 11, 1e-3 * 10 / 11, 1e-3, 1e-4], rtol=1e-6)
     mesh = mesh_of('data=1,model=1')
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
         tx = train.make_optimizer(tc, params)
         before = jax.device_get(params)
-        after, _, _ = step_fn(graphdef, specs, mesh, tx, tc)(params, jax.jit(tx.init)(params), tokens(0), jax.random.key(0))
+        after, _, _ = step_fn(graphdef, specs, mesh, tx, tc)(
+            params, jax.jit(tx.init)(params), tokens(0), jax.random.key(0))
     assert not np.array_equal(after['wte'], before['wte'])  # the first step moved the weights
 
 
@@ -282,7 +304,8 @@ def test_one_data_allreduce_per_step():
         f = grads_fn(graphdef, specs, mesh, tcfg(grad_accum=4))
         hlo = f.lower(params, tokens(0), jax.random.key(0)).compile().as_text()
         jaxpr = jax.make_jaxpr(f)(params, tokens(0), jax.random.key(0)).jaxpr
-    data_groups = sorted(tuple(col) for col in np.arange(8).reshape(4, 2).T.tolist())  # mesh columns
+    # the mesh's columns
+    data_groups = sorted(tuple(col) for col in np.arange(8).reshape(4, 2).T.tolist())
     where, computation, operands = [], None, 0
     for line in hlo.splitlines():
         if line.endswith('{') and not line.startswith(' '):
@@ -300,14 +323,16 @@ def test_one_data_allreduce_per_step():
 
 
 def collectives(jaxpr, axis, scope=()):
-    """(primitive, the primitives around it, operands) for each collective over `axis` in a jaxpr."""
+    """(primitive, the primitives around it, operands) for each collective over `axis`
+    in a jaxpr."""
     for e in jaxpr.eqns:
         if axis in e.params.get('axes', ()) or e.params.get('axis_name') in (axis, (axis,)):
             yield e.primitive.name, scope, len(e.invars)
         for v in e.params.values():
             for sub in v if isinstance(v, (list, tuple)) else [v]:
                 if hasattr(getattr(sub, 'jaxpr', sub), 'eqns'):
-                    yield from collectives(getattr(sub, 'jaxpr', sub), axis, scope + (e.primitive.name,))
+                    yield from collectives(getattr(sub, 'jaxpr', sub), axis,
+                                           scope + (e.primitive.name,))
 
 
 # --- precision ----------------------------------------------------------------------------------
@@ -337,7 +362,8 @@ def test_bf16_trains_close_to_float32():
     assert not np.array_equal(bf16, f32) and not np.array_equal(bf16_only, bf16)  # dtypes were used
     # stated tolerance: the mean of the last 5 losses within 5% of float32's
     assert abs(bf16[-5:].mean() - f32[-5:].mean()) < 0.05 * f32[-5:].mean(), (bf16[-5:], f32[-5:])
-    assert abs(bf16_only[-5:].mean() - f32[-5:].mean()) < 0.05 * f32[-5:].mean(), (bf16_only[-5:], f32[-5:])
+    assert (abs(bf16_only[-5:].mean() - f32[-5:].mean())
+            < 0.05 * f32[-5:].mean()), (bf16_only[-5:], f32[-5:])
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -397,8 +423,9 @@ def test_dataset_split_and_cache(tmp_path):
 def test_folder_reads_text_only(tmp_path, capsys):
     """A folder skips hidden paths (.git/) and files that are not UTF-8 text, and says so."""
     folder = tmp_path / 'repo'
-    for name, content in [('a.py', b'print(1)\n'), ('b.txt', b'hello\n'), ('.git/HEAD', b'ref: main\n'),
-                          ('.git/objects/ab', b'x\x00\x9c'), ('c.pyc', b'\x00\x01binary'), ('d.bin', b'\xff\xfe')]:
+    for name, content in [('a.py', b'print(1)\n'), ('b.txt', b'hello\n'),
+                          ('.git/HEAD', b'ref: main\n'), ('.git/objects/ab', b'x\x00\x9c'),
+                          ('c.pyc', b'\x00\x01binary'), ('d.bin', b'\xff\xfe')]:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(content)
     root, files = data.source_files(str(folder), tmp_path / 'cache')
@@ -417,14 +444,17 @@ def test_cache_sees_same_size_edits(tmp_path):
     f.write_text('ABCDEFGHIJ' * 100)
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     b = np.array(data.load_tokens(str(f), 'byte', tmp_path / 'cache')[0])
-    assert f.stat().st_mtime_ns == stat.st_mtime_ns and bytes(b[:3].astype(np.uint8)) == b'ABC' != bytes(a[:3].astype(np.uint8))
+    assert (f.stat().st_mtime_ns == stat.st_mtime_ns
+            and bytes(b[:3].astype(np.uint8)) == b'ABC' != bytes(a[:3].astype(np.uint8)))
 
 
 def test_named_download_checks_its_hash(tmp_path, monkeypatch):
-    """--data=shakespeare downloads once, keeps the file only if its sha256 matches, then reuses it."""
+    """--data=shakespeare downloads once, keeps the file only if its sha256 matches, then
+    reuses it."""
     served = tmp_path / 'served.txt'
     served.write_text('To be, or not to be' * 100)
-    monkeypatch.setattr(data, 'SHAKESPEARE_URL', served.as_uri())  # a local file stands in for the web
+    # a local file stands in for the web
+    monkeypatch.setattr(data, 'SHAKESPEARE_URL', served.as_uri())
     with pytest.raises(data.DataError, match='sha256'):
         data.source_files('shakespeare', tmp_path / 'cache')
     assert not (tmp_path / 'cache' / 'shakespeare.txt').exists()  # nothing kept
@@ -449,11 +479,13 @@ def test_kv_cache_equals_full_forward(spec):
             prompt = tokens(t, (t,)).tolist()
             n = CFG.block_size - t  # up to a full context
             cached = list(generate(params, prompt, n, jax.random.key(0), num_samples=2))
-            uncached = list(generate(params, prompt, n, jax.random.key(0), num_samples=2, cached=False))
+            uncached = list(generate(params, prompt, n, jax.random.key(0), num_samples=2,
+                                     cached=False))
             ids = np.stack([nxt for nxt, _ in cached], 1)  # (2, n)
             np.testing.assert_array_equal(ids, np.stack([nxt for nxt, _ in uncached], 1))
-            full = full_logits(graphdef, specs, mesh, params, np.array([prompt + ids[0].tolist()]))[0]
-            np.testing.assert_allclose(np.stack([np.asarray(l[0]) for _, l in cached]),
+            full = full_logits(graphdef, specs, mesh, params,
+                               np.array([prompt + ids[0].tolist()]))[0]
+            np.testing.assert_allclose(np.stack([np.asarray(logits[0]) for _, logits in cached]),
                                        full[t - 1:t - 1 + n], atol=1e-5, rtol=1e-5)
 
 
@@ -469,9 +501,11 @@ def test_kv_cache_slides_past_the_context():
         context = len(ids)
         logits = forward(graphdef, specs, mesh)  # built once: one compilation for every window
         for nxt, _ in generate(params, ids, 3 * S, jax.random.key(0)):
-            window = np.zeros((1, S), np.int32)  # one shape, one compilation; causal: the padding is never read
+            # one shape, one compilation; causal: the padding is never read
+            window = np.zeros((1, S), np.int32)
             window[0, :context] = ids[-context:]
-            assert nxt[0] == np.asarray(logits(params, window))[0, context - 1, :CFG.vocab_size].argmax()
+            next_logits = np.asarray(logits(params, window))[0, context - 1, :CFG.vocab_size]
+            assert nxt[0] == next_logits.argmax()
             ids.append(int(nxt[0]))
             context = context + 1 if context < S else S // 2  # a full cache is refilled with half
 
@@ -481,13 +515,15 @@ def test_top_k_and_top_p_stay_in_their_set():
     ranked = np.argsort(-np.asarray(logits), -1)
     p = np.take_along_axis(np.asarray(jax.nn.softmax(logits)), ranked, -1)
     nucleus = [set(ranked[i, :np.searchsorted(np.cumsum(p[i]), 0.6) + 1]) for i in range(4)]
-    pick = jax.jit(jax.vmap(sample.pick, in_axes=(None, 0, None, None, None)), static_argnums=(2, 3, 4))
+    pick = jax.jit(jax.vmap(sample.pick, in_axes=(None, 0, None, None, None)),
+                   static_argnums=(2, 3, 4))
     keys = jax.random.split(jax.random.key(0), 500)
     for top_k, top_p, allowed in ((5, 1.0, [set(r[:5]) for r in ranked]), (0, 0.6, nucleus)):
         drawn = np.asarray(pick(logits, keys, 1.0, top_k, top_p))  # (500, 4)
         for i in range(4):
             assert set(drawn[:, i]) <= allowed[i] and len(set(drawn[:, i])) > 1
-    np.testing.assert_array_equal(sample.pick(logits, None, 0, 0, 1.0), ranked[:, 0])  # temperature 0
+    # temperature 0
+    np.testing.assert_array_equal(sample.pick(logits, None, 0, 0, 1.0), ranked[:, 0])
 
 
 @pytest.mark.parametrize('spec', ['data=1,model=1', 'data=4,model=2'])
@@ -502,20 +538,24 @@ def test_int8_weights_within_half_a_step(spec):
         idx = tokens(1, (2, 16))
         logits = full_logits(graphdef, specs, mesh, params, idx)
         params = sample.quantize(params, mesh)
-        for module, name in (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj')):
+        for module, name in (('attn', 'c_attn'), ('attn', 'c_proj'),
+                             ('mlp', 'c_fc'), ('mlp', 'c_proj')):
             w, int8 = before['h'][module][name], params['h'][module][name].get_value()
             assert int8.q.dtype == jnp.int8
             g = w.reshape(w.shape[0], groups, -1, *w.shape[2:])
             scale = np.abs(g).max(2, keepdims=True) / 127
-            err = np.abs(g - np.asarray(int8.q).reshape(g.shape) * np.asarray(int8.scale)[:, :, None])
+            dequantized = np.asarray(int8.q).reshape(g.shape) * np.asarray(int8.scale)[:, :, None]
+            err = np.abs(g - dequantized)
             assert (err <= scale / 2 * (1 + 1e-5)).all() and err.max() > 0
         quantized = full_logits(graphdef, specs, mesh, shard.cast(params, jnp.float32), idx)
     assert np.abs(quantized - logits).max() < 0.02 * np.abs(logits).max()
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--temperature=-1', '--temperature=-1.0 must be at least 0'), ('--top_k=-5', '--top_k=-5 must be at least 0'),
-    ('--top_p=0', '--top_p=0.0 must be in (0, 1]'), ('--num_samples=0', '--num_samples=0 must be at least 1')])
+    ('--temperature=-1', '--temperature=-1.0 must be at least 0'),
+    ('--top_k=-5', '--top_k=-5 must be at least 0'),
+    ('--top_p=0', '--top_p=0.0 must be in (0, 1]'),
+    ('--num_samples=0', '--num_samples=0 must be at least 1')])
 def test_bad_sampling_flags(flag, message, tmp_path):
     with pytest.raises(SystemExit) as e:
         sample.main([flag, f'--out_dir={tmp_path}'])
@@ -524,39 +564,50 @@ def test_bad_sampling_flags(flag, message, tmp_path):
 
 # --- GPT-2's weights in Hugging Face's layout -------------------------------------------------
 
-HF_CFG = GPTConfig(block_size=16, vocab_size=250, n_layer=2, n_head=4, n_embd=32)  # 250: 6 padding rows
+# vocab_size 250: 6 padding rows
+HF_CFG = GPTConfig(block_size=16, vocab_size=250, n_layer=2, n_head=4, n_embd=32)
 
 
 def hf_folder(path, cfg=HF_CFG, seed=0):
     """A GPT-2 as Hugging Face saves it, with random weights (and its causal-mask buffers)."""
     rng = np.random.default_rng(seed)
     C, L = cfg.n_embd, cfg.n_layer
-    shapes = {'wte.weight': (cfg.vocab_size, C), 'wpe.weight': (cfg.block_size, C), 'ln_f.weight': (C,), 'ln_f.bias': (C,)}
+    shapes = {'wte.weight': (cfg.vocab_size, C), 'wpe.weight': (cfg.block_size, C),
+              'ln_f.weight': (C,), 'ln_f.bias': (C,)}
     for i in range(L):
-        shapes.update({f'h.{i}.ln_1.weight': (C,), f'h.{i}.ln_1.bias': (C,), f'h.{i}.ln_2.weight': (C,),
-                       f'h.{i}.ln_2.bias': (C,), f'h.{i}.attn.c_attn.weight': (C, 3 * C), f'h.{i}.attn.c_attn.bias': (3 * C,),
+        shapes.update({f'h.{i}.ln_1.weight': (C,), f'h.{i}.ln_1.bias': (C,),
+                       f'h.{i}.ln_2.weight': (C,), f'h.{i}.ln_2.bias': (C,),
+                       f'h.{i}.attn.c_attn.weight': (C, 3 * C), f'h.{i}.attn.c_attn.bias': (3 * C,),
                        f'h.{i}.attn.c_proj.weight': (C, C), f'h.{i}.attn.c_proj.bias': (C,),
                        f'h.{i}.mlp.c_fc.weight': (C, 4 * C), f'h.{i}.mlp.c_fc.bias': (4 * C,),
                        f'h.{i}.mlp.c_proj.weight': (4 * C, C), f'h.{i}.mlp.c_proj.bias': (C,)})
-    t = {f'transformer.{k}': (rng.normal(size=s) * (0.3 if len(s) == 2 else 0.1) + k.endswith('ln_1.weight')).astype(np.float32)
+    t = {f'transformer.{k}': (rng.normal(size=s) * (0.3 if len(s) == 2 else 0.1)
+                              + k.endswith('ln_1.weight')).astype(np.float32)
          for k, s in shapes.items()}
-    t.update({f'transformer.h.{i}.attn.bias': np.tril(np.ones((1, 1, cfg.block_size, cfg.block_size), np.float32)) for i in range(L)})
+    t.update({f'transformer.h.{i}.attn.bias':
+              np.tril(np.ones((1, 1, cfg.block_size, cfg.block_size), np.float32))
+              for i in range(L)})
     path.mkdir(parents=True, exist_ok=True)
     hf.write_safetensors(path / 'model.safetensors', t)
-    (path / 'config.json').write_text(json.dumps(dict(model_type='gpt2', activation_function='gelu_new', n_layer=L,
-        n_head=cfg.n_head, n_embd=C, n_positions=cfg.block_size, vocab_size=cfg.vocab_size, n_inner=None)))
+    (path / 'config.json').write_text(json.dumps(dict(
+        model_type='gpt2', activation_function='gelu_new', n_layer=L, n_head=cfg.n_head, n_embd=C,
+        n_positions=cfg.block_size, vocab_size=cfg.vocab_size, n_inner=None)))
     return {k.removeprefix('transformer.'): v for k, v in t.items()}
 
 
 def gpt2_reference(t, idx, cfg=HF_CFG):
     """GPT-2's forward pass as Hugging Face's modeling_gpt2 computes it, in numpy float64."""
     t = {k: v.astype(np.float64) for k, v in t.items()}
-    ln = lambda x, p: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * t[p + '.weight'] + t[p + '.bias']
+
+    def ln(x, p):
+        return ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+                * t[p + '.weight'] + t[p + '.bias'])
     T, H = len(idx), cfg.n_head
     x = t['wte.weight'][idx] + t['wpe.weight'][:T]
     for i in range(cfg.n_layer):
         h = f'h.{i}.'
-        q, k, v = np.split(ln(x, h + 'ln_1') @ t[h + 'attn.c_attn.weight'] + t[h + 'attn.c_attn.bias'], 3, -1)
+        qkv = ln(x, h + 'ln_1') @ t[h + 'attn.c_attn.weight'] + t[h + 'attn.c_attn.bias']
+        q, k, v = np.split(qkv, 3, -1)
         q, k, v = (a.reshape(T, H, -1).transpose(1, 0, 2) for a in (q, k, v))  # (H, T, D)
         s = q @ k.transpose(0, 2, 1) / np.sqrt(q.shape[-1]) + np.triu(np.full((T, T), -np.inf), 1)
         a = np.exp(s - s.max(-1, keepdims=True))
@@ -618,7 +669,8 @@ def break_folder(folder, how):
 @pytest.mark.parametrize('how, message', [
     ('missing', 'model.safetensors lacks tensors h.1.mlp.c_fc.bias'),
     ('extra', 'model.safetensors has unexpected tensors h.2.mlp.c_fc.bias'),
-    ('misshapen', 'model.safetensors: h.0.attn.c_proj.weight is (32, 31), but config.json implies (32, 32)'),
+    ('misshapen',
+     'model.safetensors: h.0.attn.c_proj.weight is (32, 31), but config.json implies (32, 32)'),
     ('config', "config.json has activation_function='relu', but this model is GPT-2")])
 def test_bad_gpt2_folder_one_line(how, message, tmp_path):
     hf_folder(tmp_path)
@@ -639,7 +691,8 @@ TINY = ['--block_size=16', '--n_layer=2', '--n_head=4', '--n_embd=32', '--batch_
 def corpus(tmp_path_factory):
     """A small real text (this repo's own source), and a cache folder for its tokens."""
     root = tmp_path_factory.mktemp('corpus')
-    (root / 'code.txt').write_text(''.join((HERE / f).read_text() for f in ('model.py', 'shard.py', 'data.py')))
+    (root / 'code.txt').write_text(''.join((HERE / f).read_text()
+                                           for f in ('model.py', 'shard.py', 'data.py')))
     return root
 
 
@@ -650,12 +703,13 @@ def cli(script, corpus, *flags, devices=1, wait=True):
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
                PYTHONUNBUFFERED='1')
     if not wait:
-        return subprocess.Popen(cmd + list(flags), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(cmd + list(flags), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd + list(flags), env=env, capture_output=True, text=True, timeout=300)
 
 
 def losses(out_dir):  # step -> loss, the last logged value of each step
-    rows = [json.loads(l) for l in (Path(out_dir) / 'metrics.jsonl').read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(out_dir) / 'metrics.jsonl').read_text().splitlines()]
     return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
@@ -664,7 +718,8 @@ def test_train_then_sample(corpus, tmp_path):
             '--sample_tokens=20')
     assert r.returncode == 0, r.stderr
     assert 'val loss' in r.stdout and 'sample:' in r.stdout and 'memory per device' in r.stdout
-    assert 'compiled the training step in' in r.stdout  # once, not folded into the first step's time
+    # once, not folded into the first step's time
+    assert 'compiled the training step in' in r.stdout
     log = losses(tmp_path)
     assert sorted(log) == list(range(1, 9)) and log[8] < log[1]
     r = cli('sample.py', corpus, f'--out_dir={tmp_path}', '--start=def ', '--max_new_tokens=10',
@@ -676,9 +731,11 @@ def test_train_then_sample(corpus, tmp_path):
 def test_bench_and_profile(corpus, tmp_path):
     """--bench times the step and prints its figures (not asserted: machines differ); --profile
     writes a trace that TensorBoard or Perfetto can open. Nothing else is written."""
-    r = cli('train.py', corpus, f'--out_dir={tmp_path / "out"}', '--bench', f'--profile={tmp_path / "trace"}')
+    r = cli('train.py', corpus, f'--out_dir={tmp_path / "out"}', '--bench',
+            f'--profile={tmp_path / "trace"}')
     assert r.returncode == 0, r.stderr
-    for figure in ('compiled the training step in', 'ms/step', 'tok/s', 'GFLOP/s here', 'device memory'):
+    for figure in ('compiled the training step in', 'ms/step', 'tok/s', 'GFLOP/s here',
+                   'device memory'):
         assert figure in r.stdout, figure
     assert list((tmp_path / 'trace').rglob('*.xplane.pb')) and not (tmp_path / 'out').exists()
 
@@ -686,21 +743,25 @@ def test_bench_and_profile(corpus, tmp_path):
 def test_resume_after_sigkill_is_exact(corpus, tmp_path):
     """Kill -9 at a random step, resume, and every step's loss equals an uninterrupted run's,
     bit for bit (dropout on, so the step's PRNG keys must line up, as must the data cursor)."""
-    flags = ['--max_iters=300', '--eval_interval=25', '--dropout=0.1']  # steps take ~3 ms: room to kill
+    # steps take ~3 ms: room to kill
+    flags = ['--max_iters=300', '--eval_interval=25', '--dropout=0.1']
     assert cli('train.py', corpus, f'--out_dir={tmp_path / "a"}', *flags).returncode == 0
     p = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', *flags, wait=False)
     kill_at = np.random.default_rng().integers(30, 100)
     metrics = tmp_path / 'b' / 'metrics.jsonl'
-    while p.poll() is None and max(losses(tmp_path / 'b') if metrics.exists() else {}, default=0) < kill_at:
+    while (p.poll() is None
+           and max(losses(tmp_path / 'b') if metrics.exists() else {}, default=0) < kill_at):
         time.sleep(0.02)
     p.kill()
     assert p.wait() == -9, "the run ended before it could be killed"
     r = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', *flags, '--resume')
     assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr
     assert losses(tmp_path / 'b') == losses(tmp_path / 'a')
-    rows = [json.loads(l) for l in (tmp_path / 'b' / 'metrics.jsonl').read_text().splitlines()]
+    rows = [json.loads(line)
+            for line in (tmp_path / 'b' / 'metrics.jsonl').read_text().splitlines()]
     steps = [r['step'] for r in rows if 'loss' in r]
-    assert steps == sorted(set(steps))  # the steps logged after the checkpoint, then killed, appear once
+    # the steps logged after the checkpoint, then killed, appear once
+    assert steps == sorted(set(steps))
 
 
 def test_resume_on_another_mesh(corpus, tmp_path):
@@ -708,7 +769,8 @@ def test_resume_on_another_mesh(corpus, tmp_path):
     r = cli('train.py', corpus, f'--out_dir={tmp_path / "a"}', '--mesh=data=8', *flags, devices=8)
     assert r.returncode == 0, r.stderr
     (tmp_path / 'b').mkdir()
-    (tmp_path / 'b' / 'ckpt_0000004.npz').write_bytes((tmp_path / 'a' / 'ckpt_0000004.npz').read_bytes())
+    (tmp_path / 'b' / 'ckpt_0000004.npz').write_bytes(
+        (tmp_path / 'a' / 'ckpt_0000004.npz').read_bytes())
     r = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', '--mesh=data=2,model=4', *flags,
             '--resume', devices=8)
     assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr
@@ -720,14 +782,16 @@ def test_resume_on_another_mesh(corpus, tmp_path):
 def test_fsdp_checkpoint_resumes_without_it(corpus, tmp_path):
     """A run saved with --fsdp resumes without it with the losses it logged itself (float32)."""
     flags = ['--dtype=float32', '--mesh=data=2', '--max_iters=6', '--eval_interval=2']
-    r = cli('train.py', corpus, f'--out_dir={tmp_path}', *flags, '--fsdp', '--sample_tokens=5', devices=2)
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', *flags, '--fsdp', '--sample_tokens=5',
+            devices=2)
     assert r.returncode == 0 and 'sample:' in r.stdout, r.stderr
     before = losses(tmp_path)
     (tmp_path / 'ckpt_0000006.npz').unlink()  # resume from step 4
     r = cli('train.py', corpus, f'--out_dir={tmp_path}', *flags, '--resume', devices=2)
     assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr
     after = losses(tmp_path)
-    assert sorted(after) == list(range(1, 7)) and all(abs(after[s] - before[s]) <= 1e-5 * before[s] for s in before)
+    assert (sorted(after) == list(range(1, 7))
+            and all(abs(after[s] - before[s]) <= 1e-5 * before[s] for s in before))
 
 
 def test_checkpoint_loads_into_fsdp_and_back(tmp_path):
@@ -735,13 +799,17 @@ def test_checkpoint_loads_into_fsdp_and_back(tmp_path):
     of plain data parallelism loads into FSDP's layout and back, bit for bit."""
     mesh = mesh_of('data=8,model=1')
     with jax.set_mesh(mesh):
-        params = {f: shard.init_params(dataclasses.replace(CFG, fsdp=f), mesh, f, jnp.float32)[1] for f in (1, 8)}
+        params = {f: shard.init_params(dataclasses.replace(CFG, fsdp=f), mesh, f, jnp.float32)[1]
+                  for f in (1, 8)}
         checkpoint.save(tmp_path / 'plain.npz', shard.gather({'params': params[1]}), {})
-        fsdp = shard.place(checkpoint.read(tmp_path / 'plain.npz')[0], {'params': params[8]})['params']
+        fsdp = shard.place(checkpoint.read(tmp_path / 'plain.npz')[0],
+                           {'params': params[8]})['params']
         checkpoint.save(tmp_path / 'fsdp.npz', shard.gather({'params': fsdp}), {})
-        back = shard.place(checkpoint.read(tmp_path / 'fsdp.npz')[0], {'params': params[1]})['params']
+        back = shard.place(checkpoint.read(tmp_path / 'fsdp.npz')[0],
+                           {'params': params[1]})['params']
     for loaded, template in ((fsdp, params[8]), (back, params[1])):
-        for a, b, c in zip(jax.tree.leaves(params[1]), jax.tree.leaves(loaded), jax.tree.leaves(template)):
+        for a, b, c in zip(jax.tree.leaves(params[1]), jax.tree.leaves(loaded),
+                           jax.tree.leaves(template)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
             assert b.sharding == c.sharding  # the template's layout, not the checkpoint's
 
@@ -750,12 +818,14 @@ def test_two_processes_equal_one(corpus, tmp_path):
     """2 processes of 4 devices, talking over localhost, train as 1 process of 8 with the same
     mesh: the same loss at every step. Then one process resumes the 2-process run's checkpoint."""
     flags = ['--mesh=data=4,model=2', '--max_iters=4', '--eval_interval=2']
-    assert cli('train.py', corpus, f'--out_dir={tmp_path / "one"}', *flags, devices=8).returncode == 0
+    assert cli('train.py', corpus, f'--out_dir={tmp_path / "one"}', *flags,
+               devices=8).returncode == 0
     with socket.socket() as s:  # a free port for process 0's coordinator
         s.bind(('localhost', 0))
         port = s.getsockname()[1]
-    procs = [cli('train.py', corpus, f'--out_dir={tmp_path / "two"}', *flags, f'--distributed=localhost:{port},2,{i}',
-                 devices=4, wait=False) for i in range(2)]
+    procs = [cli('train.py', corpus, f'--out_dir={tmp_path / "two"}', *flags,
+                 f'--distributed=localhost:{port},2,{i}', devices=4, wait=False)
+             for i in range(2)]
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
@@ -769,23 +839,28 @@ def test_two_processes_equal_one(corpus, tmp_path):
     r = cli('train.py', corpus, f'--out_dir={tmp_path / "two"}', *flags, '--resume', devices=8)
     assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr
     resumed = losses(tmp_path / 'two')
-    assert sorted(resumed) == [1, 2, 3, 4] and all(abs(resumed[s] - two[s]) <= 1e-5 * two[s] for s in two)
+    assert (sorted(resumed) == [1, 2, 3, 4]
+            and all(abs(resumed[s] - two[s]) <= 1e-5 * two[s] for s in two))
 
 
 def test_one_run_per_out_dir(corpus, tmp_path):
     """A second run on a live run's out_dir refuses, naming it; kill -9 frees the folder; a
     checkpoint that vanishes as it is read is not called corrupt."""
-    first = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=5', wait=False)
+    first = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000',
+                '--eval_interval=5', wait=False)
     try:
         while not list(tmp_path.glob('ckpt_*.npz')):
             assert first.poll() is None, first.stderr.read()
             time.sleep(0.2)
-        r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=5', '--resume')
-        assert r.returncode != 0 and f'is in use by a live run (process {first.pid})' in r.stderr, r.stderr
+        r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000',
+                '--eval_interval=5', '--resume')
+        assert (r.returncode != 0
+                and f'is in use by a live run (process {first.pid})' in r.stderr), r.stderr
     finally:
         first.kill()
         first.wait()
-    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=5', '--resume', wait=False)
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000',
+            '--eval_interval=5', '--resume', wait=False)
     try:
         while 'resumed from' not in r.stdout.readline():
             assert r.poll() is None, r.stderr.read()
@@ -803,7 +878,8 @@ def test_half_written_checkpoint_leaves_the_previous_one(corpus, tmp_path):
     half = (tmp_path / 'ckpt_0000012.npz').read_bytes()
     (tmp_path / 'ckpt_0000012.npz').unlink()
     (tmp_path / 'ckpt_0000012.npz.tmp').write_bytes(half[:len(half) // 2])
-    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=12', '--eval_interval=4', '--resume')
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=12', '--eval_interval=4',
+            '--resume')
     assert r.returncode == 0 and 'ckpt_0000008.npz at step 8' in r.stdout, r.stderr
 
 
@@ -811,6 +887,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     """A save that dies half way (here: the writer raises) leaves the old checkpoint whole."""
     path = tmp_path / 'ckpt.npz'
     checkpoint.save(path, shard.gather({'w': jnp.ones(3)}), {'step': 1})
+
     def dies_half_way(f, **arrays):
         f.write(b'PK\x03\x04 half a zip')
         raise KeyboardInterrupt
@@ -825,8 +902,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 def test_signal_saves_and_exits_cleanly(sig, corpus, tmp_path):
     # log_interval 1000: the signal lands between log lines; eval_iters 10**6: an evaluation would
     # take hours, so the run must save and exit without one
-    p = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', '--eval_interval=100000',
-            '--log_interval=1000', '--eval_iters=1000000', wait=False)
+    p = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000',
+            '--eval_interval=100000', '--log_interval=1000', '--eval_iters=1000000', wait=False)
     while p.poll() is None and 'compiled the training step' not in p.stdout.readline():
         pass
     time.sleep(1)
@@ -849,41 +926,53 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(corpus, tmp_path):
     before = snapshot(tmp_path)
     r = cli('train.py', corpus, f'--out_dir={tmp_path}', *flags, '--resume')
     assert r.returncode != 0 and re.search(r'the loss became nan at step [5-8]', r.stderr), r.stderr
-    assert {k: v for k, v in snapshot(tmp_path).items() if 'ckpt' in k} == {k: v for k, v in before.items() if 'ckpt' in k}
+    assert ({k: v for k, v in snapshot(tmp_path).items() if 'ckpt' in k}
+            == {k: v for k, v in before.items() if 'ckpt' in k})
 
 
 def snapshot(folder):  # every file but the lock, which holds the pid of the last run to start
-    return {str(p): p.read_bytes() for p in Path(folder).rglob('*') if p.is_file() and p.name != 'lock'}
+    return {str(p): p.read_bytes()
+            for p in Path(folder).rglob('*') if p.is_file() and p.name != 'lock'}
 
 
 @pytest.fixture(scope='module')
 def trained(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp('trained')
-    assert cli('train.py', corpus, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4').returncode == 0
+    assert cli('train.py', corpus, f'--out_dir={out}', '--max_iters=4',
+               '--eval_interval=4').returncode == 0
     return out
 
 
 BAD = {  # flags -> what the one-line message must say
-    'missing data': (['--out_dir={fresh}', '--data=/no/such/file.txt'], 'no such file, folder or glob'),
+    'missing data': (['--out_dir={fresh}', '--data=/no/such/file.txt'],
+                     'no such file, folder or glob'),
     'empty data': (['--out_dir={fresh}', '--data={empty}'], 'the dataset is empty'),
     'data shorter than a batch': (['--out_dir={fresh}', '--data={tiny}'], 'fewer than one batch'),
-    'val split too small': (['--out_dir={fresh}', '--data={short}', '--batch_size=4'], 'the val split has'),
+    'val split too small': (['--out_dir={fresh}', '--data={short}', '--batch_size=4'],
+                            'the val split has'),
     'mesh size': (['--out_dir={fresh}', '--mesh=data=3'], 'needs 3 devices but 2 are present'),
     'mesh syntax': (['--out_dir={fresh}', '--mesh=pipeline=2'], 'write it as data=N,model=M'),
-    'batch not divisible': (['--out_dir={fresh}', '--batch_size=6', '--grad_accum=4'], 'not divisible by data axis x grad_accum'),
-    'heads not divisible': (['--out_dir={fresh}', '--mesh=model=2', '--n_head=3', '--n_embd=48'], 'not divisible by the model axis'),
+    'batch not divisible': (['--out_dir={fresh}', '--batch_size=6', '--grad_accum=4'],
+                            'not divisible by data axis x grad_accum'),
+    'heads not divisible': (['--out_dir={fresh}', '--mesh=model=2', '--n_head=3', '--n_embd=48'],
+                            'not divisible by the model axis'),
     'unknown flag': (['--learning_rat=1e-3'], "unknown flag '--learning_rat=1e-3'"),
     'wrong type': (['--batch_size=lots'], "--batch_size='lots' is not a valid int"),
     'unknown preset': (['--preset=gpt5'], "unknown preset 'gpt5'"),
-    'unknown dtype': (['--out_dir={fresh}', '--dtype=float16'], "--dtype='float16' is not one of bfloat16, float32"),
-    'unknown attention': (['--out_dir={fresh}', '--attention=flash'], "--attention='flash' is not one of xla, blockwise, cudnn"),
+    'unknown dtype': (['--out_dir={fresh}', '--dtype=float16'],
+                      "--dtype='float16' is not one of bfloat16, float32"),
+    'unknown attention': (['--out_dir={fresh}', '--attention=flash'],
+                          "--attention='flash' is not one of xla, blockwise, cudnn"),
     'empty --data': (['--out_dir={fresh}', '--data='], "--data is empty: pass stdlib"),
-    'unknown tokenizer': (['--out_dir={fresh}', '--tokenizer=sentencepiece'], "--tokenizer='sentencepiece' is not one of byte, gpt2"),
+    'unknown tokenizer': (['--out_dir={fresh}', '--tokenizer=sentencepiece'],
+                          "--tokenizer='sentencepiece' is not one of byte, gpt2"),
     'resume without checkpoint': (['--out_dir={fresh}', '--resume'], 'no checkpoint in'),
-    'init_from a folder without GPT-2': (['--out_dir={fresh}', '--init_from={fresh}'], 'no usable config.json'),
+    'init_from a folder without GPT-2': (['--out_dir={fresh}', '--init_from={fresh}'],
+                                         'no usable config.json'),
     'corrupt checkpoint': (['--out_dir={corrupt}', '--resume'], 'is corrupt or truncated'),
     'checkpoint of another shape': (['--resume', '--n_layer=3'], 'was trained with --n_layer=2'),
-    'resume with another schedule': (['--resume', '--max_iters=9'], 'was trained with --max_iters=4'),
+    'resume with another schedule': (['--resume', '--max_iters=9'],
+                                     'was trained with --max_iters=4'),
     'new run over a checkpoint': ([], 'already holds checkpoints: pass --resume'),
     'unwritable out_dir': (['--out_dir={file}/out'], 'cannot be written'),
 }
@@ -899,10 +988,12 @@ def test_bad_input_one_line_nothing_touched(case, corpus, trained, tmp_path):
     corrupt = tmp_path / 'corrupt'
     corrupt.mkdir()
     (corrupt / 'ckpt_0000004.npz').write_bytes((trained / 'ckpt_0000004.npz').read_bytes()[:5000])
-    names = dict(empty=tmp_path / 'empty.txt', tiny=tmp_path / 'tiny.txt', short=tmp_path / 'short.txt',
-                 file=tmp_path / 'file', fresh=tmp_path / 'fresh', corrupt=corrupt)
+    names = dict(empty=tmp_path / 'empty.txt', tiny=tmp_path / 'tiny.txt',
+                 short=tmp_path / 'short.txt', file=tmp_path / 'file', fresh=tmp_path / 'fresh',
+                 corrupt=corrupt)
     before = snapshot(trained), snapshot(tmp_path)
-    r = cli('train.py', corpus, f'--out_dir={trained}', *[f.format(**names) for f in flags], devices=2)
+    r = cli('train.py', corpus, f'--out_dir={trained}', *[f.format(**names) for f in flags],
+            devices=2)
     assert r.returncode != 0
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (snapshot(trained), snapshot(tmp_path)) == before

@@ -15,9 +15,8 @@ config), so --resume continues exactly.
 
 Needs: model.py (GPTConfig), data.py (tokens, batches), shard.py (mesh, params, the step),
 checkpoint.py (the out_dir on disk), hf.py (GPT-2's weights), sample.py (the closing sample),
-flags.py (the command line).
+perf.py (speed, --bench), flags.py (the command line).
 """
-import ctypes
 import dataclasses
 import json
 import os
@@ -26,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import numpy as np
@@ -37,25 +37,12 @@ import checkpoint
 import data
 import flags
 import hf
+import perf
 import sample
 import shard
 from flags import flag
 from model import GPTConfig
 
-
-def keep_freed_memory():
-    """XLA:CPU allocates each step's temporaries afresh (5 GB for the baby GPT), and glibc hands
-    big freed blocks back to the kernel: a page fault per 4 KB touched, a third of the step on 2
-    cores (README: Performance). Asked to keep them (M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD
-    never), the next step reuses them. Other C libraries (macOS, musl) are left as they are."""
-    try:
-        for option, value in ((-8, 1), (-4, 0), (-1, -1)):
-            ctypes.CDLL('libc.so.6').mallopt(option, value)
-    except (OSError, AttributeError):
-        pass
-
-
-keep_freed_memory()  # before jax starts its threads: this process's malloc, set once
 CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'jaxgpt')
 POSITIVE = '[1, inf)'
 
@@ -139,14 +126,6 @@ PRESETS['gpt2-medium'] = dict(PRESETS['gpt2'], n_layer=24, n_head=16, n_embd=102
 HOW = {'cache_dir', 'dtype', 'attention', 'remat', 'unroll', 'mesh', 'fsdp', 'distributed',
        'grad_accum', 'out_dir', 'log_interval', 'eval_interval', 'eval_iters', 'keep_checkpoints',
        'resume', 'overwrite', 'sample_tokens', 'bench', 'profile', 'preset', 'eval_only'}
-
-# Dense peak TFLOP/s per device from the vendors' data sheets, by jax's device_kind (the first
-# name it contains). CPUs have none: --bench measures a matmul instead.
-PEAK_TFLOPS = {'H100 PCIe': dict(bfloat16=756, float32=51), 'H100': dict(bfloat16=989, float32=67),
-               'H200': dict(bfloat16=989, float32=67), 'A100': dict(bfloat16=312, float32=19.5),
-               'L4': dict(bfloat16=121, float32=30.3), 'TPU v4': dict(bfloat16=275),
-               'TPU v5 lite': dict(bfloat16=197), 'TPU v5': dict(bfloat16=459),
-               'TPU v6 lite': dict(bfloat16=918)}
 
 
 # --- the optimizer ------------------------------------------------------------------------------
@@ -282,42 +261,8 @@ def resume(cfg, params, opt_state):
     return state['params'], state['opt'], meta['step'], meta['cursor'], key
 
 
-def param_count(params):
-    return sum(x.size for x in jax.tree.leaves(params))
-
-
-def step_flops(cfg, params):
-    """Model FLOPs of a training step (PaLM's appendix B, as nanoGPT), per token: 6 per
-    multiplying parameter (forward 2, backward 4; wpe only adds) and 12 L C T for attention's
-    scores and weighted sum, in full though causal attention skips half."""
-    multiplying = param_count(params) - cfg.block_size * cfg.n_embd
-    per_token = 6 * multiplying + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    return per_token * cfg.batch_size * cfg.block_size
-
-
-def device_memory(stat):  # 'bytes_in_use' or 'peak_bytes_in_use': GPU and TPU only, else None
-    return (jax.local_devices()[0].memory_stats() or {}).get(stat)
-
-
-def make_speed(cfg, params, mesh):
-    """-> speed(seconds per step): the figures each log line and the benchmark print."""
-    tokens_per_step = cfg.batch_size * cfg.block_size
-    flops_per_step = step_flops(cfg, params)
-    kind = jax.devices()[0].device_kind
-    peak = next((p for name, p in PEAK_TFLOPS.items() if name in kind), {}).get(cfg.dtype)
-
-    def speed(seconds):
-        flops = flops_per_step / seconds
-        mfu = f" ({flops / (peak * 1e12 * mesh.devices.size):.1%} MFU)" if peak else ''
-        in_use = device_memory('bytes_in_use')
-        memory = f" | {in_use / 2**30:.1f} GiB in use" if in_use else ''
-        return (f"{seconds * 1000:7.1f} ms/step | {tokens_per_step / seconds:8.0f} tok/s | "
-                f"{flops / 1e12:.3g} TFLOP/s{mfu}{memory}")
-    return speed
-
-
 def print_header(cfg, mesh, params, opt_state, batches):
-    n_params, device = param_count(params), jax.devices()[0]
+    n_params, device = sum(x.size for x in jax.tree.leaves(params)), jax.devices()[0]
     without_wpe = n_params - cfg.block_size * cfg.n_embd
     print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {device.platform} device(s) "
           f"({device.device_kind})")
@@ -370,58 +315,6 @@ def compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, batches, key
     compiled = step.lower(params, opt_state, batch, key).compile()
     print(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
     return compiled
-
-
-def benchmark(cfg, train_step, params, opt_state, batches, key, mesh, speed, warmup=3, steps=10):
-    """--bench: time `steps` steps after `warmup`, reading the clock once each step has finished;
-    then the step's FLOP/s against the device's peak (a CPU: against a measured matmul), memory,
-    and with --profile a trace of three more steps."""
-    cursor, times = 0, []
-    for i in range(warmup + steps):
-        batch, cursor = global_batch(batches, cursor, mesh)
-        t0 = time.perf_counter()
-        params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(key, i))
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
-    times = np.array(times[warmup:])
-    print(f"{steps} steps after {warmup} warm-up: median {speed(np.median(times))}; "
-          f"spread {times.min() * 1000:.1f}-{times.max() * 1000:.1f} ms")
-    if jax.default_backend() == 'cpu':  # no data sheet: measure what this CPU can do at most
-        limit = matmul_flops(cfg.dtype)
-        print(f"a {cfg.dtype} 2048x2048 matmul runs at {limit / 1e9:.0f} GFLOP/s here; the step's "
-              f"model FLOPs ran at {step_flops(cfg, params) / np.median(times) / limit:.0%} of "
-              "that")
-    peak = device_memory('peak_bytes_in_use')
-    if peak:
-        print(f"peak device memory {peak / 2**30:.2f} GiB")
-    else:  # no runtime statistics (CPU): what the compiled step reserves
-        m = train_step.memory_analysis()
-        print(f"device memory of the compiled step: "
-              f"{(m.temp_size_in_bytes + m.argument_size_in_bytes) / 2**30:.2f} GiB "
-              f"({m.temp_size_in_bytes / 2**30:.2f} GiB temporary, the rest params, optimizer "
-              "state, batch)")
-    if cfg.profile:
-        jax.profiler.start_trace(cfg.profile)
-        for i in range(3):
-            batch, cursor = global_batch(batches, cursor, mesh)
-            params, opt_state, loss = train_step(params, opt_state, batch, key)
-        jax.block_until_ready(loss)
-        jax.profiler.stop_trace()
-        print(f"wrote a profile of 3 steps to {cfg.profile}/")
-
-
-def matmul_flops(dtype, n=2048):
-    """FLOP/s of one large matmul of the model's kind (float32 accumulation), best of 5: what this
-    CPU can do at most, to measure a step against."""
-    a = jax.numpy.ones((n, n), dtype)
-    matmul = jax.jit(lambda a: jax.numpy.dot(a, a, preferred_element_type=np.float32))
-    matmul(a).block_until_ready()
-    best = float('inf')
-    for _ in range(5):
-        t0 = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def open_metrics(cfg, lock, step):
@@ -516,7 +409,7 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
                   f"{save(params, opt_state, step, cursor, key)}")
             log(step=step, val_loss=val)
             t_log = time.perf_counter()  # evaluation and saving are not training time
-    peak = device_memory('peak_bytes_in_use')
+    peak = perf.device_memory('peak_bytes_in_use')
     print(f"trained {step - first_step} steps in {(time.perf_counter() - t_start) / 60:.1f} min"
           + (f"; peak device memory {peak / 2**30:.2f} GiB" if peak else ''))
     return params
@@ -561,13 +454,17 @@ def run(cfg):
         return
     train_step = compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, train_batches,
                               key)
-    speed = make_speed(cfg, params, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    flops = perf.step_flops(model_cfg, cfg.batch_size, n_params)
+    speed = perf.make_speed(cfg.batch_size * cfg.block_size, flops, cfg.dtype, mesh.devices.size)
+    next_batch = partial(global_batch, train_batches, mesh=mesh)
     if cfg.bench:
-        benchmark(cfg, train_step, params, opt_state, train_batches, key, mesh, speed)
+        perf.benchmark(train_step, params, opt_state, next_batch, key, speed, flops, cfg.dtype,
+                       cfg.profile)
         return
 
     params = train(cfg, train_step,
-                   next_batch=lambda cursor: global_batch(train_batches, cursor, mesh),
+                   next_batch=next_batch,
                    evaluate=lambda params: evaluate(eval_loss, params, val_batches, cfg, mesh),
                    save=lambda *state: save(cfg, model_cfg, lock, *state),
                    log=open_metrics(cfg, lock, step), speed=speed, params=params,
@@ -577,6 +474,7 @@ def run(cfg):
 
 
 def main(argv):
+    perf.keep_freed_memory()  # before jax starts its threads
     cfg = flags.parse('train.py', argv, Config(), PRESETS)
     try:
         run(cfg)

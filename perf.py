@@ -1,0 +1,112 @@
+"""How fast the training step runs on this machine, and the settings that make it fast there:
+the model's FLOPs and the device's peak (a data sheet's, or on a CPU a measured matmul), the
+speed each log line reports, `train.py --bench`, and malloc kept for XLA:CPU.
+
+Needs: nothing from the other files.
+"""
+import ctypes
+import time
+
+import jax
+import numpy as np
+
+# Dense peak TFLOP/s per device from the vendors' data sheets, by jax's device_kind (the first
+# name it contains). CPUs have none: --bench measures a matmul instead.
+PEAK_TFLOPS = {'H100 PCIe': dict(bfloat16=756, float32=51), 'H100': dict(bfloat16=989, float32=67),
+               'H200': dict(bfloat16=989, float32=67), 'A100': dict(bfloat16=312, float32=19.5),
+               'L4': dict(bfloat16=121, float32=30.3), 'TPU v4': dict(bfloat16=275),
+               'TPU v5 lite': dict(bfloat16=197), 'TPU v5': dict(bfloat16=459),
+               'TPU v6 lite': dict(bfloat16=918)}
+
+
+def keep_freed_memory():
+    """XLA:CPU allocates each step's temporaries afresh (5 GB for the baby GPT), and glibc hands
+    big freed blocks back to the kernel: a page fault per 4 KB touched, a third of the step on 2
+    cores (README: Performance). Asked to keep them (M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD
+    never), the next step reuses them. Call it before jax starts; other C libraries (macOS, musl)
+    are left as they are."""
+    try:
+        for option, value in ((-8, 1), (-4, 0), (-1, -1)):
+            ctypes.CDLL('libc.so.6').mallopt(option, value)
+    except (OSError, AttributeError):
+        pass
+
+
+def step_flops(cfg, batch_size, n_params):
+    """Model FLOPs of a training step of the GPTConfig `cfg` (PaLM's appendix B, as nanoGPT): per
+    token, 6 per multiplying parameter (forward 2, backward 4; wpe only adds) and 12 L C T for
+    attention's scores and weighted sum, in full though causal attention skips half."""
+    multiplying = n_params - cfg.block_size * cfg.n_embd
+    per_token = 6 * multiplying + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    return per_token * batch_size * cfg.block_size
+
+
+def device_memory(stat):  # 'bytes_in_use' or 'peak_bytes_in_use': GPU and TPU only, else None
+    return (jax.local_devices()[0].memory_stats() or {}).get(stat)
+
+
+def make_speed(tokens_per_step, flops_per_step, dtype, n_devices):
+    """-> speed(seconds per step): the figures each log line and the benchmark print."""
+    kind = jax.devices()[0].device_kind
+    peak = next((p for name, p in PEAK_TFLOPS.items() if name in kind), {}).get(dtype)
+
+    def speed(seconds):
+        flops = flops_per_step / seconds
+        mfu = f" ({flops / (peak * 1e12 * n_devices):.1%} MFU)" if peak else ''
+        in_use = device_memory('bytes_in_use')
+        memory = f" | {in_use / 2**30:.1f} GiB in use" if in_use else ''
+        return (f"{seconds * 1000:7.1f} ms/step | {tokens_per_step / seconds:8.0f} tok/s | "
+                f"{flops / 1e12:.3g} TFLOP/s{mfu}{memory}")
+    return speed
+
+
+def matmul_flops(dtype, n=2048):
+    """FLOP/s of one large matmul of the model's kind (float32 accumulation), best of 5: what this
+    CPU can do at most, to measure a step against."""
+    a = jax.numpy.ones((n, n), dtype)
+    matmul = jax.jit(lambda a: jax.numpy.dot(a, a, preferred_element_type=np.float32))
+    matmul(a).block_until_ready()
+    best = float('inf')
+    for _ in range(5):
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_step, dtype,
+              profile='', warmup=3, steps=10):
+    """train.py --bench: time `steps` steps after `warmup`, reading the clock once each step has
+    finished; then the step's FLOP/s against the device's peak (a CPU: a measured matmul), its
+    memory, and with `profile` (a folder) a jax.profiler trace of three more steps."""
+    cursor, times = 0, []
+    for i in range(warmup + steps):
+        batch, cursor = next_batch(cursor)
+        t0 = time.perf_counter()
+        params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    times = np.array(times[warmup:])
+    print(f"{steps} steps after {warmup} warm-up: median {speed(np.median(times))}; "
+          f"spread {times.min() * 1000:.1f}-{times.max() * 1000:.1f} ms")
+    if jax.default_backend() == 'cpu':  # no data sheet: measure what this CPU can do at most
+        limit = matmul_flops(dtype)
+        print(f"a {dtype} 2048x2048 matmul runs at {limit / 1e9:.0f} GFLOP/s here; the step's "
+              f"model FLOPs ran at {flops_per_step / np.median(times) / limit:.0%} of that")
+    peak = device_memory('peak_bytes_in_use')
+    if peak:
+        print(f"peak device memory {peak / 2**30:.2f} GiB")
+    else:  # no runtime statistics (CPU): what the compiled step reserves
+        m = train_step.memory_analysis()
+        print(f"device memory of the compiled step: "
+              f"{(m.temp_size_in_bytes + m.argument_size_in_bytes) / 2**30:.2f} GiB "
+              f"({m.temp_size_in_bytes / 2**30:.2f} GiB temporary, the rest params, optimizer "
+              "state, batch)")
+    if profile:
+        jax.profiler.start_trace(profile)
+        for _ in range(3):
+            batch, cursor = next_batch(cursor)
+            params, opt_state, loss = train_step(params, opt_state, batch, key)
+        jax.block_until_ready(loss)
+        jax.profiler.stop_trace()
+        print(f"wrote a profile of 3 steps to {profile}/")
