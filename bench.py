@@ -14,8 +14,8 @@ mesh as `train.py` builds it (float32 master weights, bf16 compute, AdamW). Memo
 XLA's analysis of the compiled step (`memory_analysis()`: a CPU has no runtime memory
 statistics), so `attention` only compiles and can measure contexts this machine could never run.
 
-Needs: train.py (Config, presets, the optimizer, its malloc setting), sample.py (the sampler),
-shard.py, model.py, data.py. Writes nothing.
+Needs: train.py (Config, presets, the optimizer), perf.py (timing, the malloc setting), sample.py
+(the sampler), shard.py, model.py, data.py. Writes nothing.
 """
 import math
 import os
@@ -64,16 +64,13 @@ def build(B, T, vocab=256, **flags):
 
 
 def timed_steps(exe, args, warmup, steps):
-    """-> (ms of each of `steps` steps after `warmup`, the clock read once each has finished; the
-    arguments after them: the step donates the params and optimizer state it is given)."""
+    """perf.timed_steps on one fixed batch. -> (ms of each of `steps` steps after `warmup`, the
+    arguments to use next: the step donates the params and optimizer state it is given)."""
     params, opt_state, batch, key = args
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        params, opt_state, loss = exe(params, opt_state, batch, jax.random.fold_in(key, i))
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t)
-    return np.array(times[warmup:]) * 1000, (params, opt_state, batch, key)
+    seconds, params, opt_state, _ = perf.timed_steps(exe, params, opt_state,
+                                                     lambda cursor: (batch, cursor), key,
+                                                     warmup, steps)
+    return seconds * 1000, (params, opt_state, batch, key)
 
 
 def compiled(B, T, vocab=256, **flags):  # -> (compiled step, its arguments, lower+compile seconds)
@@ -127,6 +124,10 @@ def remat(B=4, T=256, warmup=2, steps=3):
             del args, exe  # free this step's buffers before the next is built
 
 
+SHAPES = {'default (4/4/128, T=128, B=32)': (4, 4, 128, 128, 32),  # layers, heads, width, T, B
+          'baby GPT (6/6/384, T=256, B=64)': (6, 6, 384, 256, 64)}
+
+
 def changes(warmup=3, steps=5):
     """What each CPU speed change bought (README: Performance): the step timed with the changes
     switched on one at a time, in the order they were made, from none of them (the code before,
@@ -173,8 +174,6 @@ def changes(warmup=3, steps=5):
     model.attention, model.matmul, model.add_bias, model.gelu = kept
 
 
-SHAPES = {'default (4/4/128, T=128, B=32)': (4, 4, 128, 128, 32),  # layers, heads, width, T, B
-          'baby GPT (6/6/384, T=256, B=64)': (6, 6, 384, 256, 64)}
 NANOGPT_STEP = """
 import sys, time, torch
 sys.path.insert(0, sys.argv[1])
@@ -239,22 +238,23 @@ def sampling(out_dir='out', new_tokens=256, eval_batches=20):
     mesh = shard.make_mesh('data=1,model=1', jax.devices()[:1])
     jax.set_mesh(mesh)
     cfg, graphdef, params, specs, meta = sample.load_checkpoint(out_dir, mesh)
-    run = meta['config']
-    val_tokens = data.load_tokens(run['data'], run['tokenizer'], run['cache_dir'])[1]
-    val = data.Batches(val_tokens, cfg.block_size, run['batch_size'], run['seed'], 'val')
+    run_cfg = meta['config']
+    val_tokens = data.load_tokens(run_cfg['data'], run_cfg['tokenizer'], run_cfg['cache_dir'])[1]
+    val = data.Batches(val_tokens, cfg.block_size, run_cfg['batch_size'], run_cfg['seed'], 'val')
     dtype = meta['params_dtype']  # as sample.py: the weights' own dtype
     loss = shard.make_loss(graphdef, specs, mesh, dtype)
     print(f"{out_dir}/ at step {meta['step']}: {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"{cfg.n_embd} wide, context {cfg.block_size}, {dtype} compute; {new_tokens} new "
           f"tokens from a 1-token prompt, greedy, 1 sample; val loss over {eval_batches} batches "
-          f"of {run['batch_size']}\n")
+          f"of {run_cfg['batch_size']}\n")
     print("| weights | MiB | KV cache | tokens/s | val loss |")
     print("| --- | --- | --- | --- | --- |")
     for weights in ('float32', 'int8'):
         if weights == 'int8':
             params = sample.quantize(params, mesh)
         generate = sample.make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=0)
-        v = np.mean([loss(params, val.get(i * run['batch_size'])[0]) for i in range(eval_batches)])
+        batches = [val.get(i * run_cfg['batch_size'])[0] for i in range(eval_batches)]
+        v = np.mean([loss(params, batch) for batch in batches])
         for cached in (True, False) if weights == 'float32' else (True,):
             def all_tokens():
                 tokens = generate(params, [0], new_tokens, jax.random.key(0), 1, cached)
@@ -288,7 +288,7 @@ def memory(spec='data=8,model=1'):
         cfg = train.Config(**train.PRESETS[name])
         for fsdp in (1, mesh.shape['data']):
             model_cfg = train.model_config(cfg, 50257, fsdp)
-            graphdef, shapes = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
+            _, shapes = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
             shardings = jax.tree.map(lambda s: jax.NamedSharding(mesh, s),
                                      nnx.get_partition_spec(shapes))
             params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -1,6 +1,7 @@
 """A run's folder on disk, written so that a kill at any moment loses nothing: atomic writes,
 checkpoints (numpy arrays and a JSON header in one .npz, found by the step they hold), and the
-lock that keeps one run per folder. Plain numpy and the standard library: no device here.
+lock that keeps one run per folder. numpy (with ml_dtypes' bfloat16) and the standard library:
+no device here.
 
 Needs: nothing from the other files.
 """
@@ -12,8 +13,6 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-
-NAME = re.compile(r'ckpt_(\d+)\.npz')  # ckpt_0000600.npz holds step 600
 
 
 def atomic_write(path, write):
@@ -34,6 +33,9 @@ def atomic_write(path, write):
         raise
 
 
+CHECKPOINT_NAME = re.compile(r'ckpt_(\d+)\.npz')  # ckpt_0000600.npz holds step 600
+
+
 def path_for(out_dir, step):
     return Path(out_dir) / f'ckpt_{step:07d}.npz'
 
@@ -43,7 +45,7 @@ def in_folder(out_dir):
     match the name exactly (a user's ckpt_old.npz, a .tmp) are not checkpoints."""
     steps = {}
     for p in Path(out_dir).glob('ckpt_*.npz'):
-        match = NAME.fullmatch(p.name)
+        match = CHECKPOINT_NAME.fullmatch(p.name)
         if match:
             steps[int(match.group(1))] = p
     return [steps[s] for s in sorted(steps)]

@@ -85,7 +85,8 @@ def get_tokenizer(name):
 
 
 # --- datasets: a list of (name, text) documents, split into train and val ----------------------
-SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
+                   'tinyshakespeare/input.txt')
 SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 
 

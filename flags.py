@@ -11,11 +11,11 @@ import dataclasses
 import sys
 
 
-def flag(default, help, choices=(), within=''):
-    """A dataclass field that is also a flag: its --help line, and the values it may take, as
+def flag(default, text, choices=(), within=''):
+    """A dataclass field that is also a flag: its --help text, and the values it may take, as
     choices or as an interval (within='[1, inf)': at least 1; '(0, 1]': above 0, at most 1)."""
     return dataclasses.field(default=default,
-                             metadata=dict(help=help, choices=choices, within=within))
+                             metadata=dict(help=text, choices=choices, within=within))
 
 
 def number(text):  # an interval's end: '1', 'inf', '2**63'
@@ -42,7 +42,8 @@ def rule(field):  # what --help and the error messages say a flag may be
 def print_help(prog, cfg, presets):
     print(f"usage: python {prog} [--name=value ...]   (--flag alone means --flag=True)\n")
     for f in dataclasses.fields(cfg):
-        allowed = f"; {rule(f)}" if rule(f) else ''
+        allowed = rule(f)
+        allowed = f"; {allowed}" if allowed else ''
         print(f"  --{f.name}={getattr(cfg, f.name)!r}\n      {f.metadata['help']}{allowed}")
     if presets:
         print(f"\npresets (--preset=NAME, then your flags on top): {', '.join(presets)}")

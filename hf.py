@@ -153,6 +153,9 @@ def load(folder, params, cfg):
 def export(folder, params, cfg, tokenizer, eot):
     """Write params as GPT-2 in Hugging Face's layout: transformers' GPT2LMHeadModel loads it.
     eot: the tokenizer's <|endoftext|> id."""
+    if not cfg.bias:
+        raise ValueError("GPT-2's layout has biases, and this model has none: export a model "
+                         "trained with --bias=True")
     config = dict(FIXED, architectures=['GPT2LMHeadModel'], n_layer=cfg.n_layer,
                   n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
                   vocab_size=cfg.vocab_size, bos_token_id=eot, eos_token_id=eot,

@@ -86,11 +86,10 @@ def matmul(spec, x, w, out=None):
     return checkpoint_name(_matmul(spec, x, w, out), 'matmul')
 
 
+# The backward is written out so that its two matmuls also take bf16 and accumulate in float32:
+# autodiff would feed them the float32 accumulator's gradient, at half the speed on XLA:CPU.
 @partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _matmul(spec, x, w, out):
-    # The backward is written out so that its two matmuls also take bf16 and accumulate in
-    # float32: autodiff would feed them the float32 accumulator's gradient, at half the speed on
-    # XLA:CPU (jax 0.10).
     return jnp.einsum(spec, x, w, preferred_element_type=f32).astype(out or x.dtype)
 
 
@@ -188,12 +187,11 @@ class CausalSelfAttention(nnx.Module):
         k_pos, impl = pos, self.impl
         if cache is not None:  # sampling: write this step's keys and values into their slots
             k_cache, v_cache = cache  # (B, S, local heads, head_dim) each
-            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype),
-                                                          pos[0], axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
-                                                          pos[0], axis=1)
-            cache, k, v = (k_cache, v_cache), k_cache, v_cache
-            k_pos, impl = jnp.arange(k_cache.shape[1]), 'xla'  # attend to all S slots
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos[0], 1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos[0], 1)
+            cache = (k, v)
+            k_pos = jnp.arange(k.shape[1])  # attend to all S slots, masked by position
+            impl = 'xla'  # cuDNN's causal mask assumes query i sits at key i, which is not so here
         y = attention(q, k, v, pos, k_pos, impl).reshape(B, T, -1)  # (B, T, C / model)
         # Megatron's "g": add up every model shard's partial product. The bias goes after the
         # psum so it is added once, not once per device.
@@ -266,10 +264,11 @@ class GPT(nnx.Module):
         wte, wpe, ln_f = fsdp_gather((self.wte, self.wpe, self.ln_f))
         pos = start + jnp.arange(T)
         x = wte[...][idx] + jax.lax.dynamic_slice_in_dim(wpe[...], start, T)  # (B, T, C)
+        keys = None  # one dropout key per layer, in training
         if key is not None:
             key, k_emb = jax.random.split(key)
             x = dropout(x, self.cfg.dropout, k_emb)
-        keys = jax.random.split(key, L) if key is not None else None
+            keys = jax.random.split(key, L)
 
         graphdef, layers = nnx.split(self.h)  # layers: the stacked params, (L, ...) each
 
@@ -288,6 +287,7 @@ class GPT(nnx.Module):
         return logits, cache
 
     def loss(self, idx, targets, key=None):  # mean cross-entropy in float32, a scalar
-        logits = self(idx, key)[0][..., :self.cfg.vocab_size]  # (B, T, vocab): padding dropped
+        logits, _ = self(idx, key)
+        logits = logits[..., :self.cfg.vocab_size]  # (B, T, vocab): the padding dropped
         true = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, T)
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - true)

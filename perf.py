@@ -45,10 +45,14 @@ def device_memory(stat):  # 'bytes_in_use' or 'peak_bytes_in_use': GPU and TPU o
     return (jax.local_devices()[0].memory_stats() or {}).get(stat)
 
 
+def peak_tflops(dtype):  # per device, from PEAK_TFLOPS; None where no data sheet applies
+    kind = jax.devices()[0].device_kind
+    return next((p for name, p in PEAK_TFLOPS.items() if name in kind), {}).get(dtype)
+
+
 def make_speed(tokens_per_step, flops_per_step, dtype, n_devices):
     """-> speed(seconds per step): the figures each log line and the benchmark print."""
-    kind = jax.devices()[0].device_kind
-    peak = next((p for name, p in PEAK_TFLOPS.items() if name in kind), {}).get(dtype)
+    peak = peak_tflops(dtype)
 
     def speed(seconds):
         flops = flops_per_step / seconds
@@ -74,11 +78,10 @@ def matmul_flops(dtype, n=2048):
     return 2 * n**3 / best
 
 
-def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_step, dtype,
-              profile='', warmup=3, steps=10):
-    """train.py --bench: time `steps` steps after `warmup`, reading the clock once each step has
-    finished; then the step's FLOP/s against the device's peak (a CPU: a measured matmul), its
-    memory, and with `profile` (a folder) a jax.profiler trace of three more steps."""
+def timed_steps(train_step, params, opt_state, next_batch, key, warmup, steps):
+    """Run warmup + steps steps, reading the clock only once each has finished. -> (the seconds
+    of the last `steps`, and the params, optimizer state and cursor after them: the step donates
+    the ones it is given)."""
     cursor, times = 0, []
     for i in range(warmup + steps):
         batch, cursor = next_batch(cursor)
@@ -86,16 +89,28 @@ def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_s
         params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(key, i))
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
-    times = np.array(times[warmup:])
+    return np.array(times[warmup:]), params, opt_state, cursor
+
+
+def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_step, dtype,
+              profile='', warmup=3, steps=10):
+    """train.py --bench: time `steps` steps after `warmup`; then the step's FLOP/s against the
+    device's peak (where no data sheet applies, as on a CPU: a measured matmul), its memory, and
+    with `profile` (a folder) a jax.profiler trace of three more steps."""
+    times, params, opt_state, cursor = timed_steps(train_step, params, opt_state, next_batch, key,
+                                                   warmup, steps)
     print(f"{steps} steps after {warmup} warm-up: median {speed(np.median(times))}; "
           f"spread {times.min() * 1000:.1f}-{times.max() * 1000:.1f} ms")
-    if jax.default_backend() == 'cpu':  # no data sheet: measure what this CPU can do at most
+    peak = peak_tflops(dtype)
+    if peak:
+        print(f"MFU against {peak} TFLOP/s per device ({jax.devices()[0].device_kind}, {dtype})")
+    else:  # no data sheet: measure what this device can do at most
         limit = matmul_flops(dtype)
         print(f"a {dtype} 2048x2048 matmul runs at {limit / 1e9:.0f} GFLOP/s here; the step's "
               f"model FLOPs ran at {flops_per_step / np.median(times) / limit:.0%} of that")
-    peak = device_memory('peak_bytes_in_use')
-    if peak:
-        print(f"peak device memory {peak / 2**30:.2f} GiB")
+    peak_memory = device_memory('peak_bytes_in_use')
+    if peak_memory:
+        print(f"peak device memory {peak_memory / 2**30:.2f} GiB")
     else:  # no runtime statistics (CPU): what the compiled step reserves
         m = train_step.memory_analysis()
         print(f"device memory of the compiled step: "

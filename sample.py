@@ -52,8 +52,8 @@ class SampleConfig:
                           'config.json and model.safetensors')
     dtype: str = flag('', "what the model computes with; '' the weights' own (float32 masters: "
                       'float32, exact)', choices=('bfloat16', 'float32', ''))
-    quantize: str = flag('', "int8: the layers' matmul weights stored as int8 (quantize below)",
-                         choices=('int8', ''))
+    quantize: str = flag('', "int8: the layers' matmul weights as int8, with a scale per output "
+                         'channel and group of input rows', choices=('int8', ''))
     export: str = flag('', "write the checkpoint as GPT-2 in Hugging Face's layout to this "
                        'folder, then exit')
     cache: bool = flag(True, 'False reruns the whole context for every new token (to compare)')
@@ -79,9 +79,9 @@ KERNELS = (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_p
 
 
 def quantize(params, mesh):
-    """int8 weights for the layers' four matmul kernels: a float32 scale, max |w| / 127, per
-    output channel and per model-axis group of input rows, so that each device's shard of a
-    row-parallel kernel has its own scales and every layout stays as written."""
+    """int8 weights for the layers' four matmul kernels, in place: a float32 scale, max |w| / 127,
+    per output channel and per model-axis group of input rows, so that each device's shard of a
+    row-parallel kernel has its own scales and every layout stays as written. -> params."""
     layers = params['h']
     for module, name in KERNELS:
         weight = layers[module][name]
@@ -131,14 +131,15 @@ def make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=1.0, top_k=0, to
         return next_ids, logits, cache
 
     # The model axis splits the cache by heads; the samples are replicated over 'data'.
-    local = jax.shard_map(local, mesh=mesh, in_specs=(specs, P(), CACHE, P(), P(), P(), P()),
-                          out_specs=(P(), P(), CACHE))
-    step = jax.jit(local, donate_argnums=(2,))  # the cache is updated in place
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(specs, P(), CACHE, P(), P(), P(), P()),
+                            out_specs=(P(), P(), CACHE))
+    step = jax.jit(sharded, donate_argnums=(2,))  # the cache is updated in place
     S = cfg.block_size
 
     def generate(params, prompt, max_new_tokens, key, num_samples=1, cached=True):
         shape = (cfg.n_layer, num_samples, S, cfg.n_head, cfg.n_embd // cfg.n_head)
-        cache = [jnp.zeros(shape, dtype, device=jax.NamedSharding(mesh, CACHE)) for _ in 'kv']
+        cache = tuple(jnp.zeros(shape, dtype, device=jax.NamedSharding(mesh, CACHE))
+                      for _ in 'kv')  # a tuple, as the model returns it: one compilation
         # the newest S tokens of each sample: all that a prefill ever reads
         recent = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))[:, -S:]
         params, n = shard.cast(params, dtype), 0  # n: tokens in the cache, at positions 0..n-1
@@ -171,6 +172,9 @@ def load_checkpoint(out_dir, mesh):
         raise ValueError(f"no checkpoint in {out_dir}/: run python train.py first, or pass "
                          "--out_dir")
     arrays, meta = checkpoint.read(paths[-1])
+    if 'params_dtype' not in meta:  # a checkpoint written before the params' dtype was saved
+        run = meta['config']
+        meta['params_dtype'] = 'float32' if run['master_weights'] else run['dtype']
     model_cfg = GPTConfig(**{**meta['model'], 'fsdp': 1})
     shard.check_divisible(model_cfg, mesh)
     graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, meta['params_dtype'])
@@ -199,7 +203,9 @@ def main(argv):
             model_cfg, graphdef, params, specs, meta = load_checkpoint(cfg.out_dir, mesh)
         tokenizer = meta['config']['tokenizer']
         tok = data.get_tokenizer(tokenizer)
-        start = Path(cfg.start[5:]).read_text() if cfg.start.startswith('FILE:') else cfg.start
+        start = cfg.start
+        if start.startswith('FILE:'):
+            start = Path(start.removeprefix('FILE:')).read_text()
         if cfg.export:
             hf.export(cfg.export, params, model_cfg, tokenizer, tok.eot)
             print(f"wrote {cfg.export}/config.json and model.safetensors (Hugging Face's GPT-2 "
@@ -224,7 +230,8 @@ def main(argv):
         rows.append(next_ids)
         print(utf8.decode(tok.to_bytes(next_ids[:1])), end='', flush=True)
     print(utf8.decode(b'', final=True) + '\n---------------')
-    for row in np.stack(rows, 1)[1:] if rows else []:
+    samples = np.stack(rows, 1) if rows else np.zeros((cfg.num_samples, 0), np.int32)  # (N, new)
+    for row in samples[1:]:
         print(tok.decode(prompt + row.tolist()) + '\n---------------')
 
 

@@ -82,10 +82,11 @@ def per_device_bytes(tree):  # bytes one device holds of a sharded pytree (devic
 
 
 # --- the training step --------------------------------------------------------------------------
-def make_grads(graphdef, specs, mesh, grad_accum=1, dropout=0.0):
+def make_grads(graphdef, specs, mesh, grad_accum=1, use_dropout=False):
     """-> grads(params, batch, key) -> (mean loss, mean gradients) over the global batch. params:
     in the compute dtype; batch: (B, T+1) int32 token windows, split over 'data' and, on each
-    device, into grad_accum micro-batches that run one after another."""
+    device, into grad_accum micro-batches that run one after another. use_dropout: draw a key per
+    micro-batch for the model's dropout (its rate is in the model's config)."""
     n_data = mesh.shape['data']
     spec_list = jax.tree.leaves(specs)
     fsdp_split = ['data' in spec for spec in spec_list]  # weights FSDP splits over 'data'
@@ -104,7 +105,7 @@ def make_grads(graphdef, specs, mesh, grad_accum=1, dropout=0.0):
 
         def body(acc, i):
             x, y = micro[i, :, :-1], micro[i, :, 1:]  # inputs and next-token targets, (b, T)
-            k = jax.random.fold_in(key, i) if dropout > 0 else None
+            k = jax.random.fold_in(key, i) if use_dropout else None
             loss, grads = jax.value_and_grad(
                 lambda p: nnx.merge(graphdef, p).loss(x, y, k))(params)
             # bf16 gradients are summed in float32, so small micro-batch terms are not lost
@@ -129,16 +130,19 @@ def make_grads(graphdef, specs, mesh, grad_accum=1, dropout=0.0):
         # divided by the count of micro-batches in the global batch, the sums become means
         return jax.tree.map(lambda g: g / (n_data * grad_accum), (loss, grads))
 
-    grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, P('data'), P()),
-                          out_specs=(P(), specs))
-    return jax.jit(lambda params, batch, key:
-                   grads(params, jax.sharding.reshard(batch, P('data')), key))
+    sharded_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, P('data'), P()),
+                                  out_specs=(P(), specs))
+
+    @jax.jit
+    def grads(params, batch, key):  # the batch, wherever it is, split over 'data' first
+        return sharded_grads(params, jax.sharding.reshard(batch, P('data')), key)
+    return grads
 
 
-def make_train_step(graphdef, specs, mesh, tx, dtype, grad_accum=1, dropout=0.0):
+def make_train_step(graphdef, specs, mesh, tx, dtype, grad_accum=1, use_dropout=False):
     """-> step(params, opt_state, batch, key) -> (params, opt_state, loss). tx: an optax
     optimizer; dtype: what the model computes with."""
-    grads_fn = make_grads(graphdef, specs, mesh, grad_accum, dropout)
+    grads_fn = make_grads(graphdef, specs, mesh, grad_accum, use_dropout)
 
     @partial(jax.jit, donate_argnums=(0, 1))  # the new params and state reuse the old buffers
     def step(params, opt_state, batch, key):
@@ -152,25 +156,29 @@ def make_train_step(graphdef, specs, mesh, tx, dtype, grad_accum=1, dropout=0.0)
     return step
 
 
-def make_loss(graphdef, specs, mesh, dtype, n_micro=1):
+def make_loss(graphdef, specs, mesh, dtype, grad_accum=1):
     """-> loss(params, batch), the batch's mean loss for evaluation (no dropout), computed a
     micro-batch at a time."""
     def local_loss(params, batch):
-        micro = batch.reshape(n_micro, -1, batch.shape[-1])  # (n_micro, b, T+1)
+        micro = batch.reshape(grad_accum, -1, batch.shape[-1])  # (grad_accum, b, T+1)
         model = nnx.merge(graphdef, params)
         loss = jax.lax.map(lambda b: model.loss(b[:, :-1], b[:, 1:]), micro).mean()
         return jax.lax.pmean(loss, 'data')  # each shard saw B/data sequences; average them
 
-    loss = jax.shard_map(local_loss, mesh=mesh, in_specs=(specs, P('data')), out_specs=P())
-    return jax.jit(lambda params, batch:
-                   loss(cast(params, dtype), jax.sharding.reshard(batch, P('data'))))
+    sharded_loss = jax.shard_map(local_loss, mesh=mesh, in_specs=(specs, P('data')),
+                                 out_specs=P())
+
+    @jax.jit
+    def loss(params, batch):
+        return sharded_loss(cast(params, dtype), jax.sharding.reshard(batch, P('data')))
+    return loss
 
 
 # --- between the devices and the host: whole arrays out, shards in --------------------------------
 def gather(tree):
     """A pytree of (sharded) arrays -> {its key path: the whole numpy array}, from every device of
     every process (each process gets all of it)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {jax.tree_util.keystr(path): np.asarray(process_allgather(x, tiled=True))
             for path, x in flat}
 
@@ -181,8 +189,8 @@ def put(a, like):  # numpy -> like's dtype and sharding: each device, of every p
 
 
 def relayout(tree, like):
-    """The arrays of `tree` moved into the shardings of `like`, the same params in another
-    layout (FSDP's split weights made whole, say), and like's pytree with its layout metadata."""
+    """-> `tree`'s arrays, each moved to the sharding of its counterpart in `like` (the same
+    params in another layout: FSDP's split weights made whole, say), in `like`'s pytree."""
     shardings = [x.sharding for x in jax.tree.leaves(like)]
     leaves = jax.device_put(jax.tree.leaves(tree), shardings)
     return jax.tree.unflatten(jax.tree.structure(like), leaves)

@@ -54,11 +54,12 @@ def tcfg(**kw):  # a training config for the tiny model
 
 
 def grads_fn(graphdef, specs, mesh, tc):
-    return shard.make_grads(graphdef, specs, mesh, tc.grad_accum, tc.dropout)
+    return shard.make_grads(graphdef, specs, mesh, tc.grad_accum, tc.dropout > 0)
 
 
 def step_fn(graphdef, specs, mesh, tx, tc):
-    return shard.make_train_step(graphdef, specs, mesh, tx, tc.dtype, tc.grad_accum, tc.dropout)
+    return shard.make_train_step(graphdef, specs, mesh, tx, tc.dtype, tc.grad_accum,
+                                 tc.dropout > 0)
 
 
 def tokens(seed, shape=(16, 17)):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental.multihost_utils import process_allgather
@@ -128,6 +129,16 @@ HOW = {'cache_dir', 'dtype', 'attention', 'remat', 'unroll', 'mesh', 'fsdp', 'di
        'resume', 'overwrite', 'sample_tokens', 'bench', 'profile', 'preset', 'eval_only'}
 
 
+def model_config(cfg, vocab_size, fsdp=1):  # the flags that name GPTConfig's fields -> GPTConfig
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
+              if f.name not in ('vocab_size', 'fsdp')}
+    return GPTConfig(**fields, vocab_size=vocab_size, fsdp=fsdp)
+
+
+def params_dtype(cfg):  # float32 master copies, or the compute dtype itself
+    return 'float32' if cfg.master_weights else cfg.dtype
+
+
 # --- the optimizer ------------------------------------------------------------------------------
 def lr_schedule(cfg):
     """nanoGPT's: a linear warmup that starts at lr / (warmup + 1), so the first step learns, then
@@ -135,10 +146,10 @@ def lr_schedule(cfg):
     def lr(count):
         warm = cfg.learning_rate * (count + 1) / (cfg.warmup_iters + 1)
         decay_steps = max(cfg.max_iters - cfg.warmup_iters, 1)
-        t = jax.numpy.clip((count - cfg.warmup_iters) / decay_steps, 0.0, 1.0)
-        cosine = 0.5 * (1 + jax.numpy.cos(jax.numpy.pi * t))  # 1 -> 0
+        t = jnp.clip((count - cfg.warmup_iters) / decay_steps, 0.0, 1.0)
+        cosine = 0.5 * (1 + jnp.cos(jnp.pi * t))  # 1 -> 0
         decay = cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
-        return jax.numpy.where(count < cfg.warmup_iters, warm, decay)
+        return jnp.where(count < cfg.warmup_iters, warm, decay)
     return lr
 
 
@@ -169,8 +180,9 @@ def start_processes(cfg):
 
 
 def check(cfg):
-    """Everything that can be checked before a file is read or written -> (model config, mesh,
-    tokenizer). Resolves the flags whose default depends on the machine."""
+    """Everything that can be checked before data is read or a file written -> (model config,
+    mesh, tokenizer). Resolves the flags whose default depends on the machine, takes the model's
+    shape and tokenizer from --init_from's config.json, and looks for checkpoints in out_dir."""
     if not cfg.attention:
         on_gpu = jax.default_backend() == 'gpu' and cfg.dtype == 'bfloat16'
         cfg.attention = 'cudnn' if on_gpu else 'xla'
@@ -206,12 +218,6 @@ def check(cfg):
     return model_cfg, mesh, tok
 
 
-def model_config(cfg, vocab_size, fsdp=1):  # the flags that name GPTConfig's fields -> GPTConfig
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
-              if f.name not in ('vocab_size', 'fsdp')}
-    return GPTConfig(**fields, vocab_size=vocab_size, fsdp=fsdp)
-
-
 def load_data(cfg, tok):  # -> train and val Batches
     train_tokens, val_tokens = data.load_tokens(cfg.data, cfg.tokenizer, cfg.cache_dir)
     if max(t[:10**6].max(initial=0) for t in (train_tokens, val_tokens)) >= tok.vocab_size:
@@ -234,15 +240,12 @@ def claim_out_dir(cfg):
         raise ValueError(f"--out_dir={cfg.out_dir} cannot be written ({e.strerror}): choose "
                          "another folder") from None
     lock, owner = checkpoint.lock(cfg.out_dir) if jax.process_index() == 0 else (None, None)
-    if process_allgather(np.int32(jax.process_index() == 0 and lock is None)).max():
+    refused = np.int32(jax.process_index() == 0 and lock is None)
+    if process_allgather(refused).max():  # every process learns what process 0 found
         raise ValueError(f"{cfg.out_dir}/ is in use by a live run (process "
                          f"{owner or 'of process 0'}): let it finish, stop it, or pass another "
                          "--out_dir")
     return lock
-
-
-def params_dtype(cfg):  # float32 master copies, or the compute dtype itself
-    return 'float32' if cfg.master_weights else cfg.dtype
 
 
 def resume(cfg, params, opt_state):
@@ -261,8 +264,8 @@ def resume(cfg, params, opt_state):
     return state['params'], state['opt'], meta['step'], meta['cursor'], key
 
 
-def print_header(cfg, mesh, params, opt_state, batches):
-    n_params, device = sum(x.size for x in jax.tree.leaves(params)), jax.devices()[0]
+def print_header(cfg, mesh, params, opt_state, batches, n_params):
+    device = jax.devices()[0]
     without_wpe = n_params - cfg.block_size * cfg.n_embd
     print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {device.platform} device(s) "
           f"({device.device_kind})")
@@ -272,24 +275,28 @@ def print_header(cfg, mesh, params, opt_state, batches):
           + (', FSDP' if cfg.fsdp else ''))
     print(f"memory per device: params {shard.per_device_bytes(params) / 2**20:.1f} MiB, "
           f"optimizer state {shard.per_device_bytes(opt_state) / 2**20:.1f} MiB")
-    train, val = (len(b.tokens) for b in batches)
-    print(f"data: {train:,} train and {val:,} val tokens; "
+    n_train, n_val = (len(b.tokens) for b in batches)
+    print(f"data: {n_train:,} train and {n_val:,} val tokens; "
           f"{cfg.batch_size * cfg.block_size:,} tokens per step")
 
 
-def global_batch(batches, cursor, mesh):
-    """-> the global (B, T+1) batch at cursor, split over 'data', and the next cursor. Each process
-    reads only the rows its own devices hold; JAX assembles the global array from them."""
+def feed(batches, mesh):
+    """-> next_batch(cursor) -> (the global (B, T+1) batch at cursor, split over 'data'; the next
+    cursor). Each process reads only the rows its own devices hold; JAX assembles the global
+    array from them."""
     sharding, shape = jax.NamedSharding(mesh, P('data')), (batches.B, batches.T + 1)
     held = [index[0].indices(batches.B) for index in
             sharding.addressable_devices_indices_map(shape).values()]
     rows = slice(min(start for start, _, _ in held), max(stop for _, stop, _ in held))
-    local, cursor = batches.get(cursor, rows)
-    return jax.make_array_from_process_local_data(sharding, local, shape), cursor
+
+    def next_batch(cursor):
+        local, cursor = batches.get(cursor, rows)
+        return jax.make_array_from_process_local_data(sharding, local, shape), cursor
+    return next_batch
 
 
-def evaluate(eval_loss, params, batches, cfg, mesh):  # the mean loss over eval_iters fixed batches
-    losses = [eval_loss(params, global_batch(batches, i * cfg.batch_size, mesh)[0])
+def mean_val_loss(eval_loss, params, next_val_batch, cfg):  # over eval_iters fixed batches
+    losses = [eval_loss(params, next_val_batch(i * cfg.batch_size)[0])
               for i in range(cfg.eval_iters)]
     return float(np.mean(jax.device_get(losses)))
 
@@ -297,7 +304,7 @@ def evaluate(eval_loss, params, batches, cfg, mesh):  # the mean loss over eval_
 def report_eval(cfg, eval_loss, params, batches, tok, mesh):
     """--eval_only: the val loss, its perplexity, and bits per byte: the loss in bits, spread over
     the bytes of the text it predicted, which compares a byte model with a BPE one."""
-    loss = evaluate(eval_loss, params, batches, cfg, mesh)
+    loss = mean_val_loss(eval_loss, params, feed(batches, mesh), cfg)
     n_bytes = sum(tok.token_bytes[batches.get(i * cfg.batch_size)[0][:, 1:]].sum()
                   for i in range(cfg.eval_iters))
     n_tokens = cfg.eval_iters * cfg.batch_size * cfg.block_size
@@ -306,11 +313,11 @@ def report_eval(cfg, eval_loss, params, batches, tok, mesh):
           f"byte | over {cfg.eval_iters} batches: {n_tokens:,} tokens, {n_bytes:,} bytes of text")
 
 
-def compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, batches, key):
+def compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, next_batch, key):
     """The step, compiled ahead of time: compilation is reported once, not hidden in step one."""
     step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype, cfg.grad_accum,
-                                 cfg.dropout)
-    batch, _ = global_batch(batches, 0, mesh)
+                                 cfg.dropout > 0)
+    batch, _ = next_batch(0)  # any batch: only its shape and sharding matter here
     t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, batch, key).compile()
     print(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
@@ -335,7 +342,7 @@ def open_metrics(cfg, lock, step):
     return log
 
 
-def save(cfg, model_cfg, lock, params, opt_state, step, cursor, key):
+def save_checkpoint(cfg, model_cfg, lock, params, opt_state, step, cursor, key):
     """Write out_dir/ckpt_STEP.npz, gathered from every device of every process (process 0
     writes), and keep the newest keep_checkpoints. -> its path."""
     arrays = shard.gather({'params': params, 'opt': opt_state})
@@ -369,7 +376,8 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
     stop = []  # the signal handlers' flag
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
-    lr, first_step, pending = lr_schedule(cfg), step, []
+    lr = lr_schedule(cfg)
+    first_step, pending = step, []  # pending: the losses not yet read back from the device
     t_start = t_log = time.perf_counter()
     while step < cfg.max_iters:
         batch, cursor = next_batch(cursor)
@@ -390,8 +398,8 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
         rate = float(lr(step - 1))
         print(f"step {step:5d} | loss {losses[-1]:.4f} | lr {rate:.2e} | {speed(seconds)} | "
               f"eta {eta / 60:.1f} min")
-        for i, loss in enumerate(losses):  # every step's loss, for exact comparisons of runs
-            log(step=step - len(losses) + 1 + i, loss=float(loss))
+        for i, step_loss in enumerate(losses):  # every step's loss, for exact comparisons
+            log(step=step - len(losses) + 1 + i, loss=float(step_loss))
         log(step=step, lr=rate, ms_per_step=seconds * 1000)
         pending, t_log = [], time.perf_counter()
         if stopping:
@@ -446,29 +454,27 @@ def run(cfg):
     if cfg.overwrite and lock and not cfg.resume:
         for path in checkpoint.in_folder(cfg.out_dir):
             path.unlink()
-    print_header(cfg, mesh, params, opt_state, (train_batches, val_batches))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print_header(cfg, mesh, params, opt_state, (train_batches, val_batches), n_params)
 
     eval_loss = shard.make_loss(graphdef, specs, mesh, cfg.dtype, cfg.grad_accum)
     if cfg.eval_only:
         report_eval(cfg, eval_loss, params, val_batches, tok, mesh)
         return
-    train_step = compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, train_batches,
-                              key)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    next_batch = feed(train_batches, mesh)
+    train_step = compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, next_batch, key)
     flops = perf.step_flops(model_cfg, cfg.batch_size, n_params)
     speed = perf.make_speed(cfg.batch_size * cfg.block_size, flops, cfg.dtype, mesh.devices.size)
-    next_batch = partial(global_batch, train_batches, mesh=mesh)
     if cfg.bench:
         perf.benchmark(train_step, params, opt_state, next_batch, key, speed, flops, cfg.dtype,
                        cfg.profile)
         return
 
-    params = train(cfg, train_step,
-                   next_batch=next_batch,
-                   evaluate=lambda params: evaluate(eval_loss, params, val_batches, cfg, mesh),
-                   save=lambda *state: save(cfg, model_cfg, lock, *state),
-                   log=open_metrics(cfg, lock, step), speed=speed, params=params,
-                   opt_state=opt_state, step=step, cursor=cursor, key=key)
+    evaluate = partial(mean_val_loss, eval_loss, next_val_batch=feed(val_batches, mesh), cfg=cfg)
+    save = partial(save_checkpoint, cfg, model_cfg, lock)
+    log = open_metrics(cfg, lock, step)
+    params = train(cfg, train_step, next_batch, evaluate, save, log, speed,
+                   params, opt_state, step, cursor, key)
     if params is not None and cfg.sample_tokens:
         closing_sample(cfg, model_cfg, mesh, params, tok, key)
 
