@@ -6,7 +6,7 @@
     python bench.py all         # the three, in that order
     python bench.py sampling [OUT_DIR]  # a checkpoint: tokens/s with and without KV cache, int8
     python bench.py memory [MESH]       # FSDP's memory per device (8 devices: XLA_FLAGS, below)
-    python bench.py changes     # what each CPU speed change bought, at the default and baby shapes
+    python bench.py workarounds # each CPU workaround switched off in turn, both shapes and dtypes
     python bench.py nanogpt NANOGPT_DIR [PYTHON_WITH_TORCH]  # nanoGPT's step against ours
 
 The tables' figures are of the real training step, `shard.make_train_step` on a one-device 1x1
@@ -18,8 +18,6 @@ Needs: train.py (Config, presets, the optimizer), perf.py (timing, the malloc se
 (the sampler), shard.py, model.py, data.py. Writes nothing.
 """
 import math
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,19 +38,19 @@ MiB = 2**20
 
 
 def machine():
-    try:  # platform.processor() is often empty on Linux; the kernel names the CPU
-        lines = open('/proc/cpuinfo').read().splitlines()
-        cpu = next(line.split(':', 1)[1].strip() for line in lines if line.startswith('model name'))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    return (f"machine: {cpu}, {os.cpu_count()} CPUs; jax {jax.__version__} on "
-            f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})")
+    return (f"{perf.describe_cpu()}; jax {jax.__version__} on {jax.devices()[0].platform} "
+            f"({jax.devices()[0].device_kind})")
+
+
+def train_dtype():  # what train.py computes with here when --dtype is not given
+    return perf.default_dtype(jax.default_backend(), perf.cpu_features())[0]
 
 
 def build(B, T, vocab=256, **flags):
     """The training step as train.py builds it, at batch B and context T; flags are train.Config's
     model fields (n_layer, attention, remat, unroll, ...). -> (jitted step, its arguments)."""
     cfg = train.Config(batch_size=B, block_size=T, **flags)  # optimizer, dtype: train.py's
+    cfg.dtype = cfg.dtype or train_dtype()
     model_cfg = train.model_config(cfg, vocab)
     mesh = shard.make_mesh('data=1,model=1', jax.devices()[:1])
     jax.set_mesh(mesh)
@@ -128,54 +126,55 @@ SHAPES = {'default (4/4/128, T=128, B=32)': (4, 4, 128, 128, 32),  # layers, hea
           'baby GPT (6/6/384, T=256, B=64)': (6, 6, 384, 256, 64)}
 
 
-def changes(warmup=3, steps=5):
-    """What each CPU speed change bought (README: Performance): the step timed with the changes
-    switched on one at a time, in the order they were made, from none of them (the code before,
-    rebuilt here by swapping model.py's functions for the plain ones) to all (the code as it is)."""
+def workarounds(warmup=2, steps=3):
+    """Each CPU workaround's worth (README: Performance): the step with all of them (the code as it
+    is), then with each switched off in turn, model.py's function swapped for the plain one, at
+    both shapes in float32 and bf16 compute."""
     import ctypes
 
     import model
-    libc = ctypes.CDLL('libc.so.6')
-    kept = (model.attention, model.matmul, model.add_bias, model.gelu)
+    kept = {'matmul': model.matmul, 'add_bias': model.add_bias, 'gelu': model.gelu}
 
-    def library_attention(q, k, v, q_pos, k_pos, impl):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    def autodiff_matmul(spec, x, w, out=None):  # the same forward, autodiff's backward
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out or x.dtype)
 
-    def autodiff_matmul(spec, x, w, out=None):  # autodiff's backward
-        return jnp.einsum(spec, x, w).astype(out or x.dtype)
-
-    def bf16_bias(y, b):
+    def bias_in_compute_dtype(y, b):
         return y if b is None else y + b[...].astype(y.dtype)
 
-    def bf16_gelu(x):  # every intermediate stored
+    def gelu_in_compute_dtype(x):
         return jax.nn.gelu(x, approximate=True)
 
-    before = (library_attention, autodiff_matmul, bf16_bias, bf16_gelu)
-    switched_on_at = (2, 3, 4, 4)  # the row from which each of `kept` is used
-    rows = ['none: the code before', '+ mallopt keeps freed memory', '+ attention written out',
-            '+ bf16 matmuls with float32 accumulation both ways',
-            '+ bias adds and GELU in float32', '+ layers unrolled: the code as it is']
-    print(f"bf16 compute, float32 masters, xla attention, vocab 256; ms/step: median of {steps} "
-          f"after {warmup} warm-up\n")
-    print("| change | " + " | ".join(SHAPES) + " |")
-    print("| --- |" + " --- |" * len(SHAPES))
-    for n, name in enumerate(rows):
-        for option, on, off in ((-4, 0, 65536), (-1, -1, 128 * 1024)):  # M_MMAP_MAX, M_TRIM_...
-            libc.mallopt(option, on if n >= 1 else off)
-        chosen = [new if n >= at else old for new, old, at in zip(kept, before, switched_on_at)]
-        model.attention, model.matmul, model.add_bias, model.gelu = chosen
-        row = []
-        for L, H, C, T, B in SHAPES.values():
+    rows = {'all on: the code as it is': {},
+            'matmul backward left to autodiff': {'matmul': autodiff_matmul},
+            'bias add in the compute dtype': {'add_bias': bias_in_compute_dtype},
+            'GELU in the compute dtype': {'gelu': gelu_in_compute_dtype},
+            "malloc as glibc leaves it": {'malloc': True}, 'layers scanned': {'unroll': False}}
+    columns = [(dtype, shape) for dtype in ('float32', 'bfloat16') for shape in SHAPES]
+    print(f"ms/step, median of {steps} after {warmup} warm-up; float32 masters, xla attention, "
+          "vocab 256\n")
+    print("| switched off | " + " | ".join(f"{d}, {s.split(' (')[0]}" for d, s in columns) + " |")
+    print("| --- |" + " --- |" * len(columns))
+    libc = ctypes.CDLL('libc.so.6')
+    for name, off in rows.items():
+        for option, glibc_default in ((-4, 65536), (-1, 128 * 1024)):  # M_MMAP_MAX, M_TRIM_...
+            libc.mallopt(option, glibc_default if 'malloc' in off else {-4: 0, -1: -1}[option])
+        for function, default in kept.items():
+            setattr(model, function, off.get(function, default))
+        times = []
+        for dtype, shape in columns:
+            L, H, C, T, B = SHAPES[shape]
             exe, args, _ = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla',
-                                    unroll=n >= 5)
-            row.append(f"{np.median(timed_steps(exe, args, warmup, steps)[0]):,.0f}")
+                                    unroll=off.get('unroll', True), dtype=dtype)
+            times.append(f"{np.median(timed_steps(exe, args, warmup, steps)[0]):,.0f}")
             del args, exe
-        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
-    model.attention, model.matmul, model.add_bias, model.gelu = kept
+        print(f"| {name} | " + " | ".join(times) + " |", flush=True)
+    for function, default in kept.items():
+        setattr(model, function, default)
 
 
 NANOGPT_STEP = """
 import sys, time, torch
+print('torch', torch.__version__, 'CPU capability', torch.backends.cpu.get_cpu_capability())
 sys.path.insert(0, sys.argv[1])
 from model import GPT, GPTConfig  # nanoGPT's own model.py, from the clone given
 L, H, C, T, B, n = map(int, sys.argv[2:8])
@@ -209,6 +208,7 @@ def nanogpt(path, python=sys.executable, rounds=3, warmup=3, steps=5):
         for _ in range(rounds):
             command = [python, '-c', NANOGPT_STEP, path, *map(str, (L, H, C, T, B, warmup + steps))]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            torch_line = out.splitlines()[0]
             theirs.append(np.median([float(t) for t in out.split()[-steps:]]) * 1000)  # timed
             times, args = timed_steps(exe, args, warmup, steps)
             ours.append(np.median(times))
@@ -216,6 +216,7 @@ def nanogpt(path, python=sys.executable, rounds=3, warmup=3, steps=5):
               f"{', '.join(f'{t:,.0f}' for t in ours)} | "
               f"{np.median(theirs) / np.median(ours):.2f}x |", flush=True)
         del args, exe
+    print(f"\n{torch_line}; this project computes in {train_dtype()}")
 
 
 def compile_time(depths=(6, 12, 24)):
@@ -300,7 +301,7 @@ def memory(spec='data=8,model=1'):
 
 
 COMMANDS = {'attention': attention, 'remat': remat, 'compile': compile_time, 'sampling': sampling,
-            'memory': memory, 'changes': changes, 'nanogpt': nanogpt}
+            'memory': memory, 'workarounds': workarounds, 'nanogpt': nanogpt}
 USAGE = (f"usage: python bench.py {{{'|'.join(COMMANDS)}|all}}  (sampling [OUT_DIR], memory "
          "[MESH], nanogpt NANOGPT_DIR [TORCH_PYTHON]; all: the first three)")
 

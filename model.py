@@ -79,15 +79,20 @@ def fsdp_gather(tree):
     return jax.tree.map(gather, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-# --- mixed precision: bf16 in, float32 accumulation, bf16 out -------------------------------------
+# --- numerics: how the matmuls, bias adds and GELU compute (backend details) ----------------------
+# The maths is the paper's; the way each is written was measured on two kinds of CPU (README:
+# Performance, `python bench.py workarounds`), and none changes what the model computes.
 def matmul(spec, x, w, out=None):
     """jnp.einsum(spec, x, w), accumulated in float32, returned as `out` (x's dtype by default).
     Named, so that a remat policy can keep matmul outputs and recompute the rest."""
     return checkpoint_name(_matmul(spec, x, w, out), 'matmul')
 
 
-# The backward is written out so that its two matmuls also take bf16 and accumulate in float32:
-# autodiff would feed them the float32 accumulator's gradient, at half the speed on XLA:CPU.
+# The backward is written out for two reasons. Its two matmuls take bf16 and accumulate in float32
+# (autodiff would feed them the float32 accumulator's gradient, at half the speed on XLA:CPU).
+# And the weight's gradient, x^T dy, contracts both over their leading token axes, which XLA:CPU's
+# matmul library takes only after transposing the first operand: computed as (dy^T x)^T when x is
+# the bigger of the two (the MLP's 4C-wide hidden layer), the transpose is of the smaller one.
 @partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _matmul(spec, x, w, out):
     return jnp.einsum(spec, x, w, preferred_element_type=f32).astype(out or x.dtype)
@@ -103,7 +108,10 @@ def _matmul_bwd(spec, out, residuals, dy):  # the gradient of 'x,w->y' is 'y,w->
     x_axes, w_axes = inputs.split(',')
     dy = dy.astype(x.dtype)
     dx = matmul(f'{y_axes},{w_axes}->{x_axes}', dy, w)
-    dw = matmul(f'{x_axes},{y_axes}->{w_axes}', x, dy, w.dtype)
+    if x.size > dy.size:
+        dw = matmul(f'{y_axes},{x_axes}->{w_axes[::-1]}', dy, x, w.dtype).T
+    else:
+        dw = matmul(f'{x_axes},{y_axes}->{w_axes}', x, dy, w.dtype)
     return dx, dw
 
 
@@ -111,18 +119,16 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def add_bias(y, bias):
-    """y + bias in float32 (y itself if the layer has no bias): the bias's gradient is a sum over
-    every token, which XLA:CPU does ten times slower in bf16 (it sums in windows, for precision)."""
+    """y + bias in float32 (y itself if the layer has no bias): with bf16 compute, the bias's
+    gradient is a sum over every token, which XLA:CPU does ten times slower in bf16 (it sums in
+    windows, for precision)."""
     return y if bias is None else (y.astype(f32) + bias[...]).astype(y.dtype)
 
 
-@jax.checkpoint  # recomputed in the backward pass from x: its float32 intermediates are not kept
 def gelu(x):
-    """GPT-2's tanh GELU, 0.5 x (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3), written as
-    the same function x sigmoid(2z). In float32: bf16 would round every intermediate."""
-    x32 = x.astype(f32)
-    two_z = 2 * math.sqrt(2 / math.pi) * (x32 + 0.044715 * x32 * x32 * x32)
-    return (x32 * jax.nn.sigmoid(two_z)).astype(x.dtype)
+    """GPT-2's GELU, the tanh approximation, computed in float32 whatever x's dtype (bf16 would
+    round every intermediate): on a CPU the fastest of the ways measured (README: Performance)."""
+    return jax.nn.gelu(x.astype(f32), approximate=True).astype(x.dtype)
 
 
 def dropout(x, rate, key):

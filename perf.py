@@ -1,10 +1,13 @@
 """How fast the training step runs on this machine, and the settings that make it fast there:
-the model's FLOPs and the device's peak (a data sheet's, or on a CPU a measured matmul), the
-speed each log line reports, `train.py --bench`, and malloc kept for XLA:CPU.
+the compute dtype that suits the CPU, malloc kept for XLA:CPU, the model's FLOPs and the device's
+peak (a data sheet's, or on a CPU a measured matmul), the speed each log line reports, and
+`train.py --bench`.
 
 Needs: nothing from the other files.
 """
 import ctypes
+import os
+import platform
 import time
 
 import jax
@@ -17,6 +20,52 @@ PEAK_TFLOPS = {'H100 PCIe': dict(bfloat16=756, float32=51), 'H100': dict(bfloat1
                'L4': dict(bfloat16=121, float32=30.3), 'TPU v4': dict(bfloat16=275),
                'TPU v5 lite': dict(bfloat16=197), 'TPU v5': dict(bfloat16=459),
                'TPU v6 lite': dict(bfloat16=918)}
+
+
+# Where a CPU multiplies bf16 natively: x86's AVX-512 BF16 and AMX, arm64's BFDOT/BFMMLA (Linux's
+# names, as /proc/cpuinfo lists them). Elsewhere XLA:CPU widens every bf16 operand to float32
+# first, and bf16 compute is slower than float32 (README: Performance).
+NATIVE_BF16 = {'avx512_bf16', 'amx_bf16', 'bf16'}
+
+
+def cpu_features(path='/proc/cpuinfo'):
+    """The CPU's feature flags, as Linux lists them ('flags' on x86, 'Features' on arm64); an empty
+    set where there is no /proc/cpuinfo (macOS, Windows)."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return set()
+    return {flag for line in lines if line.startswith(('flags', 'Features'))
+            for flag in line.split(':', 1)[1].split()}
+
+
+def default_dtype(backend, features):
+    """The compute dtype when --dtype is not given -> (dtype, the reason, for the log). GPUs and
+    TPUs: bf16 (with float32 master weights). CPUs: bf16 only where they multiply it natively."""
+    if backend != 'cpu':
+        return 'bfloat16', f"the {backend}'s native bf16"
+    native = sorted(NATIVE_BF16 & features)
+    if native:
+        return 'bfloat16', f"this CPU has a native bf16 dot product ({', '.join(native)})"
+    return 'float32', 'this CPU has no native bf16'
+
+
+def describe_cpu(features=None):
+    """One line: the CPU, its widest vector instructions, native bf16 or not, and the cap on
+    what XLA:CPU may emit, if XLA_FLAGS sets one."""
+    features = cpu_features() if features is None else features
+    try:
+        model = next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
+                     if line.startswith('model name'))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    isa = next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('asimd', 'NEON'))
+                if flag in features), 'no AVX2')
+    cap = next((flag.split('=')[1] for flag in os.environ.get('XLA_FLAGS', '').split()
+                if flag.startswith('--xla_cpu_max_isa=')), 'none')
+    native = sorted(NATIVE_BF16 & features) or ['none']
+    return (f"cpu: {model}, {os.cpu_count()} cores, {isa}; native bf16: {', '.join(native)}; "
+            f"XLA:CPU ISA cap: {cap}")
 
 
 def keep_freed_memory():
@@ -99,6 +148,8 @@ def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_s
     with `profile` (a folder) a jax.profiler trace of three more steps."""
     times, params, opt_state, cursor = timed_steps(train_step, params, opt_state, next_batch, key,
                                                    warmup, steps)
+    if jax.default_backend() == 'cpu':
+        print(describe_cpu())
     print(f"{steps} steps after {warmup} warm-up: median {speed(np.median(times))}; "
           f"spread {times.min() * 1000:.1f}-{times.max() * 1000:.1f} ms")
     peak = peak_tflops(dtype)

@@ -38,6 +38,7 @@ import checkpoint
 import data
 import hf
 import model
+import perf
 import sample
 import shard
 import train
@@ -365,6 +366,25 @@ def test_bf16_trains_close_to_float32():
     assert abs(bf16[-5:].mean() - f32[-5:].mean()) < 0.05 * f32[-5:].mean(), (bf16[-5:], f32[-5:])
     assert (abs(bf16_only[-5:].mean() - f32[-5:].mean())
             < 0.05 * f32[-5:].mean()), (bf16_only[-5:], f32[-5:])
+
+
+def test_compute_dtype_fits_the_cpu(tmp_path, capsys):
+    """Without --dtype, a CPU computes in bf16 only where it multiplies bf16 natively: the flags
+    of an AVX2 Zen 3 give float32, a Zen 4's (avx512_bf16) and an arm64 with bf16 give bf16, as do
+    GPUs; the run says which and why. The CPU's features are injected, not read."""
+    zen3 = 'processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n'
+    zen4 = zen3.replace('fma', 'fma avx512f avx512_bf16')
+    arm64 = 'Features\t: fp asimd bf16\n'
+    for cpuinfo, want in ((zen3, 'float32'), (zen4, 'bfloat16'), (arm64, 'bfloat16')):
+        (tmp_path / 'cpuinfo').write_text(cpuinfo)
+        assert perf.default_dtype('cpu', perf.cpu_features(tmp_path / 'cpuinfo'))[0] == want
+    assert perf.cpu_features(tmp_path / 'no such file') == set()  # macOS: no /proc/cpuinfo
+    assert perf.default_dtype('cpu', set()) == ('float32', 'this CPU has no native bf16')
+    assert perf.default_dtype('gpu', set())[0] == 'bfloat16'
+    cfg = tcfg(dtype='', out_dir=str(tmp_path / 'out'))
+    train.check(cfg)
+    rule = perf.default_dtype(jax.default_backend(), perf.cpu_features())
+    assert cfg.dtype == rule[0] and f"{rule[0]} compute: {rule[1]}" in capsys.readouterr().out
 
 
 # --- data -----------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ class Config:
     dropout: float = flag(0.0, 'the dropout rate, in training', within='[0, 1)')
     bias: bool = flag(True, 'biases in Linear layers and LayerNorms, as GPT-2')
     # how to compute it: the defaults are what measured fastest (README: Performance)
-    dtype: str = flag('bfloat16', 'what the model computes with', choices=('bfloat16', 'float32'))
+    dtype: str = flag('', "what the model computes with; '': bf16 on GPUs, TPUs and CPUs with a "
+                      'native bf16 dot product, else float32', choices=('bfloat16', 'float32', ''))
     master_weights: bool = flag(True, 'keep float32 params for the optimizer; False: bf16 only')
     attention: str = flag('', "'' means cudnn on NVIDIA GPUs with bf16, else xla",
                           choices=('xla', 'blockwise', 'cudnn', ''))
@@ -183,6 +184,9 @@ def check(cfg):
     """Everything that can be checked before data is read or a file written -> (model config,
     mesh, tokenizer). Resolves the flags whose default depends on the machine, takes the model's
     shape and tokenizer from --init_from's config.json, and looks for checkpoints in out_dir."""
+    if not cfg.dtype:
+        cfg.dtype, why = perf.default_dtype(jax.default_backend(), perf.cpu_features())
+        print(f"{cfg.dtype} compute: {why} (--dtype to choose)")
     if not cfg.attention:
         on_gpu = jax.default_backend() == 'gpu' and cfg.dtype == 'bfloat16'
         cfg.attention = 'cudnn' if on_gpu else 'xla'
