@@ -1,7 +1,7 @@
 """A run's folder on disk, written so that a kill at any moment loses nothing: atomic writes,
-checkpoints (numpy arrays and a JSON header in one .npz, found by the step they hold), and the
-lock that keeps one run per folder. numpy (with ml_dtypes' bfloat16) and the standard library:
-no device here.
+checkpoints (numpy arrays and a JSON header in one .npz, found by the step they hold), the log
+of metrics kept in step with them, and the lock that keeps one run per folder. numpy (with
+ml_dtypes' bfloat16) and the standard library: no device here.
 
 Needs: nothing from the other files.
 """
@@ -21,7 +21,7 @@ def atomic_write(path, write):
     disk) removes its temporary file and leaves the old one as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # two writers never share one
     try:
         with open(tmp, 'wb') as f:
             write(f)
@@ -74,6 +74,46 @@ def read(path):
                          "delete it to resume from an earlier one") from None
     bf16 = {k: a.view(ml_dtypes.bfloat16) for k, a in arrays.items() if a.dtype == np.uint16}
     return {**arrays, **bf16}, meta
+
+
+def check_meta(meta, path):
+    """A training checkpoint's header: the step, data cursor and PRNG key as train.py wrote them
+    (whole numbers, none negative), and the run's config and model as dicts; else a ValueError."""
+    def whole(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    problems = [name for name, ok in (
+        ('step', whole(meta.get('step'))), ('cursor', whole(meta.get('cursor'))),
+        ('key', isinstance(meta.get('key'), list) and all(map(whole, meta['key']))),
+        ('config', isinstance(meta.get('config'), dict)),
+        ('model', isinstance(meta.get('model'), dict))) if not ok]
+    if problems:
+        raise ValueError(f"checkpoint {path} has no valid {', '.join(problems)} in its header: "
+                         "it was not written by train.py; delete it to resume from an earlier one")
+
+
+def trim_log(path, step):
+    """Keep the rows of a JSON-lines log (metrics.jsonl) up to `step`, for a run resuming from its
+    checkpoint at that step: rows a killed run logged later, and rows that are not well formed (a
+    full disk cuts a line), are dropped, and the count said. A log never stops a resume."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path, 'rb') as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                keep = isinstance(row, dict) and isinstance(row.get('step'), int)
+                keep = keep and row['step'] <= step
+            except ValueError:  # not JSON, or not UTF-8
+                keep = False
+            if keep:
+                kept.append(line.rstrip(b'\n') + b'\n')
+            else:
+                dropped += 1
+    atomic_write(path, lambda f: f.write(b''.join(kept)))
+    if dropped:
+        print(f"{path}: kept the {len(kept)} rows up to step {step}, dropped {dropped} logged "
+              "after that checkpoint or not well formed")
 
 
 def lock(folder):

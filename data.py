@@ -162,24 +162,43 @@ def load_tokens(data, tokenizer, cache_dir):
     if not data:  # Path('') is the current folder: never read that by accident
         raise DataError("--data is empty: pass stdlib, shakespeare, or a file, folder or glob")
     path = Path(data)
-    if (path / 'train.bin').is_file() and (path / 'val.bin').is_file():  # nanoGPT's prepare.py
-        return [np.memmap(path / f'{s}.bin', np.uint16, 'r') for s in ('train', 'val')]
-    root, files = source_files(data, cache_dir)
-    # the cache is keyed by the tokenizer and a hash of every file's name and contents (reading
-    # them costs far less than tokenizing), so any edit makes a new cache, whatever its mtime
-    digest = hashlib.sha256(tokenizer.encode())
-    for p in files:
-        name, contents = str(p.relative_to(root)).encode(), p.read_bytes()
-        digest.update(name + b'\0' + hashlib.sha256(contents).digest())
+    try:
+        if (path / 'train.bin').is_file() and (path / 'val.bin').is_file():  # nanoGPT's prepare.py
+            return [read_bin(path / f'{split}.bin') for split in ('train', 'val')]
+        root, files = source_files(data, cache_dir)
+        # the cache is keyed by the tokenizer and a hash of every file's name and contents
+        # (reading them costs far less than tokenizing): any edit makes a new cache, whatever
+        # the file's mtime
+        digest = hashlib.sha256(tokenizer.encode())
+        for p in files:
+            name, contents = str(p.relative_to(root)).encode(), p.read_bytes()
+            digest.update(name + b'\0' + hashlib.sha256(contents).digest())
+    except OSError as e:
+        raise DataError(f"--data={data[:200]!r} cannot be read ({e.strerror}): check the "
+                        "path") from None
     folder = Path(cache_dir) / f"{path.name or 'data'}-{tokenizer}-{digest.hexdigest()[:12]}"
-    if not (folder / 'val.bin').exists():
-        tok = get_tokenizer(tokenizer)
-        for split, docs in zip(('train', 'val'), split_documents(root, files)):
-            # documents are joined with <|endoftext|>, as GPT-2 was trained
-            ids = np.concatenate([np.append(tok.encode(d), np.uint16(tok.eot)) for d in docs])
-            atomic_write(folder / f'{split}.bin', ids.tofile)  # val last: its presence marks done
-        print(f"tokenized {len(files)} files of {data} into {folder}")
-    return [np.memmap(folder / f'{s}.bin', np.uint16, 'r') for s in ('train', 'val')]
+    try:
+        if not (folder / 'val.bin').exists():
+            tok = get_tokenizer(tokenizer)
+            for split, docs in zip(('train', 'val'), split_documents(root, files)):
+                # documents are joined with <|endoftext|>, as GPT-2 was trained
+                ids = np.concatenate([np.append(tok.encode(d), np.uint16(tok.eot)) for d in docs])
+                atomic_write(folder / f'{split}.bin', ids.tofile)  # val last: it marks done
+            print(f"tokenized {len(files)} files of {data} into {folder}")
+        return [read_bin(folder / f'{split}.bin') for split in ('train', 'val')]
+    except OSError as e:
+        raise DataError(f"--cache_dir={cache_dir} cannot hold the tokens ({e.strerror}): free "
+                        "some space or pass another --cache_dir") from None
+
+
+def read_bin(path):
+    """A train.bin or val.bin of uint16 token ids, memory-mapped."""
+    size = path.stat().st_size
+    if size == 0 or size % 2:
+        what = 'empty' if size == 0 else f'{size:,} bytes long, an odd length'
+        raise DataError(f"{path} is {what}, so it is not uint16 token ids: write it again "
+                        "(nanoGPT's prepare.py), or delete a cache folder to tokenize again")
+    return np.memmap(path, np.uint16, 'r')
 
 
 # --- the batch stream ----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 model.safetensors, as transformers saves and loads it. The safetensors format is read and
 written by hand (it is a JSON header and raw arrays), so there is no dependency to add.
 
-Needs: shard.py (put: numpy arrays into the params' shardings), checkpoint.py (atomic_write).
+Needs: model.py (GPT: the params' shapes), shard.py (put: numpy arrays into the params'
+shardings), checkpoint.py (atomic_write).
 """
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from checkpoint import atomic_write
+from model import GPT
 from shard import put
 
 # Hugging Face's names for layer i's tensors (h.{i}.NAME) -> ours, in the stacked layers GPT.h.
@@ -38,7 +40,11 @@ def read_safetensors(path):
     try:
         with open(path, 'rb') as f:
             n = int.from_bytes(f.read(8), 'little')
+            if n > Path(path).stat().st_size - 8:
+                raise ValueError(f"its header claims {n:,} bytes, more than the file holds")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
         raw = np.memmap(path, np.uint8, 'r', offset=8 + n)  # read from disk as each is used
         out = {}
         for name, entry in header.items():
@@ -49,7 +55,7 @@ def read_safetensors(path):
                 a = (a.astype('<u4') << 16).view('<f4')
             out[name] = np.array(a, np.float32).reshape(entry['shape'])
         return out
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} is not a readable safetensors file of F32, F16 or BF16 tensors "
                          f"({type(e).__name__}: {e})") from None
 
@@ -78,15 +84,21 @@ def read_config(folder):
     what this model cannot express."""
     try:
         config = json.loads((Path(folder) / 'config.json').read_text())
+        if not isinstance(config, dict):
+            raise TypeError('it is not a JSON object')
         inner = config.get('n_inner') and 4 * config['n_embd']  # None: 4 n_embd, the only width
         for k, want in {**FIXED, 'n_inner': inner}.items():
             if config.get(k, want) != want:
                 raise ValueError(f"{folder}/config.json has {k}={config[k]!r}, but this model is "
                                  f"GPT-2, with {k}={want!r}")
         fields = dict(n_layer=config['n_layer'], n_head=config['n_head'], n_embd=config['n_embd'],
-                      block_size=config['n_positions'], vocab_size=config['vocab_size'], bias=True)
-        return fields, config.get('jaxgpt_tokenizer', 'gpt2')
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+                      block_size=config['n_positions'], vocab_size=config['vocab_size'])
+        for k, v in fields.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{folder}/config.json has {k}={v!r}: a GPT-2's sizes are "
+                                 "positive whole numbers")
+        return dict(fields, bias=True), config.get('jaxgpt_tokenizer', 'gpt2')
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"--init_from={folder}: no usable config.json ({type(e).__name__}: "
                          f"{e}): pass a folder holding GPT-2's config.json and model.safetensors"
                          ) from None
@@ -112,14 +124,15 @@ def to_hf(params, cfg):
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
-def load(folder, params, cfg):
-    """folder/model.safetensors -> params (the same shapes, dtypes, shardings), or a ValueError
-    naming a missing, unexpected or misshapen tensor. A longer wpe is cropped to cfg.block_size."""
+def read_weights(folder, cfg):
+    """folder/model.safetensors -> our params as nested dicts of numpy arrays, or a ValueError
+    naming a missing, unexpected, misshapen or non-finite tensor. Checked before anything is
+    written. A longer wpe is cropped to cfg.block_size."""
     tensors = {}
     for k, v in read_safetensors(Path(folder) / 'model.safetensors').items():
         if not k.endswith(('.attn.bias', '.attn.masked_bias', 'lm_head.weight')):  # masks; tied
             tensors[k.removeprefix('transformer.')] = v
-    ours = nnx.to_pure_dict(params)
+    ours = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))))  # shapes
     C = cfg.n_embd
     shapes = {'wte.weight': (cfg.vocab_size, C), 'wpe.weight': (cfg.block_size, C),
               'ln_f.weight': (C,), 'ln_f.bias': (C,)}
@@ -138,6 +151,9 @@ def load(folder, params, cfg):
         if tensors[k].shape != shape:
             raise ValueError(f"{folder}/model.safetensors: {k} is {tensors[k].shape}, but "
                              f"config.json implies {shape}")
+        if not np.isfinite(tensors[k]).all():
+            raise ValueError(f"{folder}/model.safetensors: {k} holds NaN or infinite values: "
+                             "these weights are broken; export or download them again")
 
     vocab_padding = [(0, cfg.padded_vocab - cfg.vocab_size), (0, 0)]  # zero rows, never read
     new = {'wte': np.pad(tensors['wte.weight'], vocab_padding), 'wpe': tensors['wpe.weight'],
@@ -145,8 +161,13 @@ def load(folder, params, cfg):
     for hf_name, (module, name) in LAYER_NAMES.items():
         stacked = np.stack([tensors[f'h.{i}.{hf_name}'] for i in range(cfg.n_layer)])
         new['h'].setdefault(module, {})[name] = stacked.reshape(ours['h'][module][name].shape)
+    return new
+
+
+def load(weights, params):
+    """read_weights' arrays -> params, with the same shapes, dtypes and shardings."""
     state = jax.tree.map(lambda x: x, params)  # a copy to fill in: nested like params
-    nnx.replace_by_pure_dict(state, new)
+    nnx.replace_by_pure_dict(state, weights)
     return jax.tree.map(put, state, params)
 
 

@@ -172,11 +172,18 @@ def load_checkpoint(out_dir, mesh):
         raise ValueError(f"no checkpoint in {out_dir}/: run python train.py first, or pass "
                          "--out_dir")
     arrays, meta = checkpoint.read(paths[-1])
-    if 'params_dtype' not in meta:  # a checkpoint written before the params' dtype was saved
-        run = meta['config']
-        meta['params_dtype'] = 'float32' if run['master_weights'] else run['dtype']
-    model_cfg = GPTConfig(**{**meta['model'], 'fsdp': 1})
-    shard.check_divisible(model_cfg, mesh)
+    checkpoint.check_meta(meta, paths[-1])
+    run = meta['config']  # a checkpoint of an older version may lack params_dtype
+    meta.setdefault('params_dtype', 'float32' if run.get('master_weights') else run.get('dtype'))
+    try:
+        model_cfg = GPTConfig(**{**meta['model'], 'fsdp': 1})
+    except TypeError:
+        raise ValueError(f"checkpoint {paths[-1]}'s model is not a GPTConfig of this version: "
+                         "sample it with the version that trained it") from None
+    if not all(np.isfinite(a).all() for k, a in arrays.items() if k.startswith("['params']")):
+        raise ValueError(f"checkpoint {paths[-1]} holds NaN or infinite weights: sample an "
+                         "earlier one (move this one away)")
+    shard.check_divisible(model_cfg, mesh.shape['model'])
     graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, meta['params_dtype'])
     params = shard.place(arrays, {'params': params})['params']
     return model_cfg, graphdef, params, specs, meta
@@ -185,11 +192,32 @@ def load_checkpoint(out_dir, mesh):
 def load_gpt2(folder, mesh):  # the same, from GPT-2's weights in Hugging Face's layout
     fields, tokenizer = hf.read_config(folder)
     model_cfg = GPTConfig(**fields)
-    shard.check_divisible(model_cfg, mesh)
+    shard.check_divisible(model_cfg, mesh.shape['model'])
     graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, 'float32')
-    params = hf.load(folder, params, model_cfg)
+    params = hf.load(hf.read_weights(folder, model_cfg), params)
     meta = dict(config=dict(tokenizer=tokenizer), params_dtype='float32')
     return model_cfg, graphdef, params, specs, meta
+
+
+def read_prompt(start):  # --start: the prompt, or FILE:path
+    if not start.startswith('FILE:'):
+        return start
+    try:
+        return Path(start.removeprefix('FILE:')).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, 'strerror', None) or 'not UTF-8 text'
+        raise ValueError(f"--start={start}: cannot read it ({reason}): pass a readable text "
+                         "file") from None
+
+
+def export(folder, params, model_cfg, tokenizer, eot):  # --export, in one line if it cannot
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ValueError(f"--export={folder} is a file: pass a folder (new, or one to overwrite)")
+    try:
+        hf.export(folder, params, model_cfg, tokenizer, eot)
+    except OSError as e:
+        raise ValueError(f"--export={folder} cannot be written ({e.strerror}): choose another "
+                         "folder") from None
 
 
 def main(argv):
@@ -203,11 +231,9 @@ def main(argv):
             model_cfg, graphdef, params, specs, meta = load_checkpoint(cfg.out_dir, mesh)
         tokenizer = meta['config']['tokenizer']
         tok = data.get_tokenizer(tokenizer)
-        start = cfg.start
-        if start.startswith('FILE:'):
-            start = Path(start.removeprefix('FILE:')).read_text()
+        start = read_prompt(cfg.start)
         if cfg.export:
-            hf.export(cfg.export, params, model_cfg, tokenizer, tok.eot)
+            export(cfg.export, params, model_cfg, tokenizer, tok.eot)
             print(f"wrote {cfg.export}/config.json and model.safetensors (Hugging Face's GPT-2 "
                   "layout)")
             return

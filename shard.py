@@ -47,13 +47,13 @@ def make_mesh(spec, devices=None):
     return jax.make_mesh((sizes['data'], sizes['model']), ('data', 'model'), devices=devices)
 
 
-def check_divisible(cfg, mesh):
+def check_divisible(cfg, model_axis=1):  # the heads split evenly: over C, and over 'model'
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: "
                          "change one")
-    if cfg.n_head % mesh.shape['model']:
+    if cfg.n_head % model_axis:
         raise ValueError(f"n_head={cfg.n_head} is not divisible by the model axis "
-                         f"({mesh.shape['model']}): choose a --mesh model size that divides n_head")
+                         f"({model_axis}): choose a --mesh model size that divides n_head")
 
 
 def cast(params, dtype):  # float arrays only: int8 weights stay int8

@@ -382,7 +382,7 @@ def test_compute_dtype_fits_the_cpu(tmp_path, capsys):
     assert perf.default_dtype('cpu', set()) == ('float32', 'this CPU has no native bf16')
     assert perf.default_dtype('gpu', set())[0] == 'bfloat16'
     cfg = tcfg(dtype='', out_dir=str(tmp_path / 'out'))
-    train.check(cfg)
+    train.check_devices(cfg, data.ByteTokenizer())
     rule = perf.default_dtype(jax.default_backend(), perf.cpu_features())
     assert cfg.dtype == rule[0] and f"{rule[0]} compute: {rule[1]}" in capsys.readouterr().out
 
@@ -648,7 +648,7 @@ def test_gpt2_weights_give_gpt2_logits(spec, tmp_path):
     assert GPTConfig(**fields) == HF_CFG and tokenizer == 'gpt2'
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(HF_CFG, mesh, 0, jnp.float32)
-        params = hf.load(tmp_path, params, HF_CFG)
+        params = hf.load(hf.read_weights(tmp_path, HF_CFG), params)
         idx = tokens(3, (2, 16)) % HF_CFG.vocab_size
         ours = full_logits(graphdef, specs, mesh, params, idx)[..., :HF_CFG.vocab_size]
     for b in range(2):
@@ -668,7 +668,7 @@ def test_export_then_import_is_bit_exact(tmp_path):
     mesh = mesh_of('data=1,model=1')
     with jax.set_mesh(mesh):
         _, fresh, _ = shard.init_params(HF_CFG, mesh, 1, jnp.float32)
-        after = jax.device_get(hf.load(tmp_path, fresh, HF_CFG))
+        after = jax.device_get(hf.load(hf.read_weights(tmp_path, HF_CFG), fresh))
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(a, b)
 
@@ -699,7 +699,7 @@ def test_bad_gpt2_folder_one_line(how, message, tmp_path):
     mesh = mesh_of('data=1,model=1')
     with jax.set_mesh(mesh), pytest.raises(ValueError, match=re.escape(message)):
         _, params, _ = shard.init_params(HF_CFG, mesh, 0, jnp.float32)
-        hf.load(tmp_path, params, GPTConfig(**hf.read_config(tmp_path)[0]))
+        hf.load(hf.read_weights(tmp_path, GPTConfig(**hf.read_config(tmp_path)[0])), params)
 
 
 # --- train.py and sample.py as a user runs them ---------------------------------------------------
@@ -864,6 +864,34 @@ def test_two_processes_equal_one(corpus, tmp_path):
             and all(abs(resumed[s] - two[s]) <= 1e-5 * two[s] for s in two))
 
 
+def test_a_peer_that_dies_or_never_comes_is_reported_in_one_line(corpus, tmp_path):
+    """--distributed with --peer_timeout=5: a process started alone, one whose peer is killed -9
+    mid-run, and one whose peer was given a bad flag each stop with one line within the timeout
+    (and a little start-up), not JAX's C++ abort minutes later."""
+    def start(i, port, *extra):
+        return cli('train.py', corpus, f'--out_dir={tmp_path / "run"}', '--max_iters=100000',
+                   '--mesh=data=2', f'--distributed=localhost:{port},2,{i}', '--peer_timeout=5',
+                   *extra, devices=1, wait=False)
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(('localhost', 0))
+            return s.getsockname()[1]
+
+    alone = start(1, free_port())
+    port = free_port()
+    pair = [start(0, port), start(1, port)]
+    while pair[0].poll() is None and 'step' not in pair[0].stdout.readline():
+        pass
+    pair[1].kill()
+    port = free_port()
+    bad = [start(0, port), start(1, port, '--n_embd=30')]
+    for p, line in ((alone, 'did not all join'), (pair[0], 'process'),
+                    (bad[1], 'not divisible by n_head'), (bad[0], 'did not all join')):
+        err = p.communicate(timeout=60)[1]
+        assert p.returncode == 1 and line in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_one_run_per_out_dir(corpus, tmp_path):
     """A second run on a live run's out_dir refuses, naming it; kill -9 frees the folder; a
     checkpoint that vanishes as it is read is not called corrupt."""
@@ -890,6 +918,110 @@ def test_one_run_per_out_dir(corpus, tmp_path):
         r.wait()
     with pytest.raises(ValueError, match='vanished while it was being read'):
         checkpoint.read(tmp_path / 'ckpt_9999999.npz')
+
+
+def test_overwrite_keeps_the_old_run_until_its_first_checkpoint(corpus, tmp_path):
+    """--overwrite replaces an old run only once it has a checkpoint of its own: a new run that
+    diverges first leaves every file of the old one as it was, as its message says; one that
+    saves replaces them, and metrics.jsonl then holds the new run's steps alone."""
+    assert cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=8',
+               '--eval_interval=4').returncode == 0
+    old = snapshot(tmp_path)
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--overwrite', '--learning_rate=1e30')
+    assert r.returncode != 0 and 'the loss became' in r.stderr and 'untouched' in r.stderr
+    assert {k: v for k, v in snapshot(tmp_path).items() if k in old} == old
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--overwrite', '--max_iters=4',
+            '--eval_interval=4')
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in checkpoint.in_folder(tmp_path)] == ['ckpt_0000004.npz']
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_checkpoints_are_ordered_by_their_step(corpus, trained, tmp_path):
+    """The newest checkpoint is the one of the highest step, not the last name in text order, and
+    a file that only looks like one (a user's ckpt_old.npz) is not a checkpoint at all."""
+    for name in ('ckpt_9999995.npz', 'ckpt_10000000.npz', 'ckpt_old.npz', 'ckpt_0000012.npz.tmp'):
+        (tmp_path / name).write_bytes(b'')
+    assert [p.name for p in checkpoint.in_folder(tmp_path)] == ['ckpt_9999995.npz',
+                                                                'ckpt_10000000.npz']
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'ckpt_0000004.npz').write_bytes((trained / 'ckpt_0000004.npz').read_bytes())
+    (out / 'ckpt_old.npz').write_bytes(b'not a checkpoint')
+    r = cli('sample.py', corpus, f'--out_dir={out}', '--max_new_tokens=3')
+    assert r.returncode == 0, r.stderr  # it sampled ckpt_0000004, not the junk ckpt_old.npz
+
+
+def test_resume_past_a_damaged_metrics_log(corpus, tmp_path):
+    """A metrics.jsonl cut mid-line (a full disk), or holding a blank, a non-UTF-8 or a stepless
+    row, does not stop a resume: the well-formed rows up to the checkpoint are kept, the rest
+    dropped with a count, and each step is logged once."""
+    flags = ['--max_iters=8', '--eval_interval=4']
+    assert cli('train.py', corpus, f'--out_dir={tmp_path}', *flags).returncode == 0
+    (tmp_path / 'ckpt_0000008.npz').unlink()
+    with open(tmp_path / 'metrics.jsonl', 'ab') as f:
+        f.write(b'\n\xff\xfe not UTF-8\n{"loss": 1}\n{"step": 9, "lo')
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}', *flags, '--resume')
+    assert r.returncode == 0 and 'dropped' in r.stdout, r.stderr
+    steps = [row['step'] for row in map(json.loads, open(tmp_path / 'metrics.jsonl'))
+             if 'loss' in row]
+    assert steps == list(range(1, 9))
+
+
+def test_full_disk_one_line_previous_checkpoint_kept(corpus, tmp_path):
+    """A save that the disk refuses (a limit on file size stands in for a full disk) stops the run
+    with one line; its temporary file is gone and the previous checkpoint is still the newest."""
+    import resource
+    flags = ['--max_iters=8', '--eval_interval=4']
+    assert cli('train.py', corpus, f'--out_dir={tmp_path}', *flags).returncode == 0
+    (tmp_path / 'ckpt_0000008.npz').unlink()
+    limit = (tmp_path / 'ckpt_0000004.npz').stat().st_size // 2
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    r = subprocess.run([sys.executable, str(HERE / 'train.py'), f"--data={corpus / 'code.txt'}",
+                        f"--cache_dir={corpus / 'cache'}", *TINY, f'--out_dir={tmp_path}',
+                        *flags, '--resume'], env=env, capture_output=True, text=True,
+                       preexec_fn=small_disk, timeout=300)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert 'could not write' in r.stderr and 'ckpt_0000004.npz' in r.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == '.tmp'] == []
+    assert [p.name for p in checkpoint.in_folder(tmp_path)] == ['ckpt_0000004.npz']
+
+
+def test_signal_before_training_one_line(corpus, tmp_path):
+    """SIGTERM while the step compiles stops the run with one line (or, if it lands once the loop
+    runs, saves and exits 0): never a traceback, never killed without a word."""
+    p = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000', wait=False)
+    while p.poll() is None and not p.stdout.readline().startswith('data:'):
+        pass
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        assert 'stopped by signal' in out
+    else:
+        assert p.returncode == 1 and 'stopped by a signal before training' in err, err
+        assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob('ckpt_*'))
+
+
+def test_sampling_far_past_the_context_streams_each_token_once(corpus, trained, monkeypatch,
+                                                               capsys):
+    """Streaming costs the same per token at token 2,000 as at token 10: each new token's bytes go
+    through an incremental decoder once, and the whole text is never decoded again."""
+    whole_decodes, token_bytes = [], []
+    decode, to_bytes = data.ByteTokenizer.decode, data.ByteTokenizer.to_bytes
+    monkeypatch.setattr(data.ByteTokenizer, 'decode',
+                        lambda self, ids: whole_decodes.append(len(ids)) or decode(self, ids))
+    monkeypatch.setattr(data.ByteTokenizer, 'to_bytes',
+                        lambda self, ids: token_bytes.append(len(ids)) or to_bytes(self, ids))
+    sample.main([f'--out_dir={trained}', '--max_new_tokens=2000', '--num_samples=1',
+                 '--temperature=0'])
+    assert len(capsys.readouterr().out) > 2000
+    assert whole_decodes == [1]  # the prompt, once
+    assert token_bytes.count(1) >= 2000 and max(token_bytes) == 1
 
 
 def test_half_written_checkpoint_leaves_the_previous_one(corpus, tmp_path):
@@ -996,12 +1128,42 @@ BAD = {  # flags -> what the one-line message must say
                                      'was trained with --max_iters=4'),
     'new run over a checkpoint': ([], 'already holds checkpoints: pass --resume'),
     'unwritable out_dir': (['--out_dir={file}/out'], 'cannot be written'),
+    # every numeric flag has its range, checked before anything runs
+    'negative learning rate': (['--out_dir={fresh}', '--learning_rate=-1'],
+                               '--learning_rate=-1.0 must be above 0'),
+    'no clipping': (['--out_dir={fresh}', '--grad_clip=0'], '--grad_clip=0.0 must be above 0'),
+    'beta1 of 2': (['--out_dir={fresh}', '--beta1=2'], '--beta1=2.0 must be in [0, 1)'),
+    'negative steps': (['--out_dir={fresh}', '--max_iters=-5'],
+                       '--max_iters=-5 must be at least 0'),
+    'negative warmup': (['--out_dir={fresh}', '--warmup_iters=-1'],
+                        '--warmup_iters=-1 must be at least 0'),
+    'seed beyond 64 bits': (['--out_dir={fresh}', '--seed=' + '9' * 25], 'must be in [0, 2**63)'),
+    'negative seed': (['--out_dir={fresh}', '--seed=-1'], '--seed=-1 must be in [0, 2**63)'),
+    # the outside world, and the files given: each checked before a file is written
+    'data name too long': (['--out_dir={fresh}', '--data=' + 'a' * 5000], 'cannot be read'),
+    'cache_dir under a file': (['--out_dir={fresh}', '--cache_dir={file}/cache'],
+                               'cannot hold the tokens'),
+    'cudnn on a CPU': (['--out_dir={fresh}', '--attention=cudnn'], 'needs an NVIDIA GPU'),
+    'train.bin of odd length': (['--out_dir={fresh}', '--data={odd_bins}'], 'an odd length'),
+    'empty train.bin': (['--out_dir={fresh}', '--data={empty_bins}'], 'train.bin is empty'),
+    'token ids beyond the vocabulary late': (['--out_dir={fresh}', '--data={late_bins}'],
+                                             'holds token ids beyond'),
+    'GPT-2 config with no heads': (['--out_dir={fresh}', '--init_from={hf_no_heads}'],
+                                   'has n_head=0'),
+    'GPT-2 config a JSON list': (['--out_dir={fresh}', '--init_from={hf_list}'],
+                                 'no usable config.json'),
+    'safetensors header of 2**40': (['--out_dir={fresh}', '--init_from={hf_huge_header}'],
+                                    'more than the file holds'),
+    'GPT-2 weights with NaN': (['--out_dir={fresh}', '--init_from={hf_nan}'],
+                               'holds NaN or infinite values'),
+    'checkpoint of step -7': (['--out_dir={step_minus_7}', '--resume'], 'no valid step'),
+    'checkpoint without a cursor': (['--out_dir={no_cursor}', '--resume'], 'no valid cursor'),
+    'metrics.jsonl a folder': (['--out_dir={metrics_folder}', '--resume'], 'is a folder'),
 }
 
 
-@pytest.mark.parametrize('case', BAD)
-def test_bad_input_one_line_nothing_touched(case, corpus, trained, tmp_path):
-    flags, message = BAD[case]
+def bad_inputs(tmp_path, trained):
+    """The files BAD's flags name, made in tmp_path -> {name: path}."""
     (tmp_path / 'empty.txt').write_text('')
     (tmp_path / 'tiny.txt').write_text('too short')
     (tmp_path / 'short.txt').write_text('x' * 600)  # 540 train tokens, 60 val: fewer than 4 x 17
@@ -1009,12 +1171,45 @@ def test_bad_input_one_line_nothing_touched(case, corpus, trained, tmp_path):
     corrupt = tmp_path / 'corrupt'
     corrupt.mkdir()
     (corrupt / 'ckpt_0000004.npz').write_bytes((trained / 'ckpt_0000004.npz').read_bytes()[:5000])
-    names = dict(empty=tmp_path / 'empty.txt', tiny=tmp_path / 'tiny.txt',
-                 short=tmp_path / 'short.txt', file=tmp_path / 'file', fresh=tmp_path / 'fresh',
-                 corrupt=corrupt)
+    ids = np.arange(2 * 10**6, dtype=np.uint16) % 200
+    ids[-1] = 300  # beyond the byte tokenizer's 256, after the first million tokens
+    for name, train_bin in (('odd_bins', b'abc'), ('empty_bins', b''), ('late_bins', ids)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'train.bin').write_bytes(bytes(train_bin))
+        (tmp_path / name / 'val.bin').write_bytes(ids[:10**4].tobytes())
+    byte_gpt2 = dataclasses.replace(HF_CFG, vocab_size=256)
+    for name in ('hf_no_heads', 'hf_list', 'hf_huge_header', 'hf_nan'):
+        t = hf_folder(tmp_path / name, byte_gpt2)
+        config = json.loads((tmp_path / name / 'config.json').read_text())
+        (tmp_path / name / 'config.json').write_text(json.dumps(
+            [config] if name == 'hf_list' else
+            {**config, 'jaxgpt_tokenizer': 'byte', 'n_head': 0 if name == 'hf_no_heads' else 4}))
+    raw = (tmp_path / 'hf_huge_header' / 'model.safetensors').read_bytes()
+    (tmp_path / 'hf_huge_header' / 'model.safetensors').write_bytes((2**40).to_bytes(8, 'little')
+                                                                    + raw[8:])
+    hf.write_safetensors(tmp_path / 'hf_nan' / 'model.safetensors',
+                         {**t, 'h.0.mlp.c_fc.bias': t['h.0.mlp.c_fc.bias'] * np.nan})
+    arrays, meta = checkpoint.read(trained / 'ckpt_0000004.npz')
+    for name, header in (('step_minus_7', {**meta, 'step': -7}),
+                         ('no_cursor', {k: v for k, v in meta.items() if k != 'cursor'})):
+        checkpoint.save(tmp_path / name / 'ckpt_0000004.npz', arrays, header)
+        (tmp_path / name / 'metrics.jsonl').write_bytes((trained / 'metrics.jsonl').read_bytes())
+    (tmp_path / 'metrics_folder' / 'metrics.jsonl').mkdir(parents=True)
+    checkpoint.save(tmp_path / 'metrics_folder' / 'ckpt_0000004.npz', arrays, meta)
+    names = ['empty', 'tiny', 'short']
+    return dict({name: tmp_path / f'{name}.txt' for name in names}, file=tmp_path / 'file',
+                fresh=tmp_path / 'fresh', corrupt=corrupt,
+                **{p.name: p for p in tmp_path.iterdir() if p.is_dir() and p.name != 'corrupt'})
+
+
+@pytest.mark.parametrize('case', BAD)
+def test_bad_input_one_line_nothing_touched(case, corpus, trained, tmp_path):
+    flags, message = BAD[case]
+    names = bad_inputs(tmp_path, trained)
     before = snapshot(trained), snapshot(tmp_path)
     r = cli('train.py', corpus, f'--out_dir={trained}', *[f.format(**names) for f in flags],
             devices=2)
     assert r.returncode != 0
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (snapshot(trained), snapshot(tmp_path)) == before
+    assert not (tmp_path / 'fresh').exists()  # no out_dir made where there was none

@@ -18,11 +18,13 @@ checkpoint.py (the out_dir on disk), hf.py (GPT-2's weights), sample.py (the clo
 perf.py (speed, --bench), flags.py (the command line).
 """
 import dataclasses
+import itertools
 import json
 import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -76,6 +78,8 @@ class Config:
     distributed: str = flag('', "many processes: auto (SLURM, TPU pods, ...), or HOST:PORT,N,I "
                             "(process 0's address, the count, this one's id)")
     fsdp: bool = flag(False, "also split weights, float32 masters and Adam's moments over data")
+    peer_timeout: int = flag(60, 'with --distributed: seconds to wait for a process that has not '
+                             'joined, or has stopped answering, before stopping', within=POSITIVE)
     # optimization
     batch_size: int = flag(32, 'sequences per step, over all devices and micro-batches',
                            within=POSITIVE)
@@ -126,8 +130,9 @@ PRESETS['gpt2-medium'] = dict(PRESETS['gpt2'], n_layer=24, n_head=16, n_embd=102
 
 # Flags that say how or where to compute, not what: all others must match to --resume a run.
 HOW = {'cache_dir', 'dtype', 'attention', 'remat', 'unroll', 'mesh', 'fsdp', 'distributed',
-       'grad_accum', 'out_dir', 'log_interval', 'eval_interval', 'eval_iters', 'keep_checkpoints',
-       'resume', 'overwrite', 'sample_tokens', 'bench', 'profile', 'preset', 'eval_only'}
+       'peer_timeout', 'grad_accum', 'out_dir', 'log_interval', 'eval_interval', 'eval_iters',
+       'keep_checkpoints', 'resume', 'overwrite', 'sample_tokens', 'bench', 'profile', 'preset',
+       'eval_only'}
 
 
 def model_config(cfg, vocab_size, fsdp=1):  # the flags that name GPTConfig's fields -> GPTConfig
@@ -169,29 +174,10 @@ def make_optimizer(cfg, params):
 
 
 # --- the stages of a run, in order ----------------------------------------------------------------
-def start_processes(cfg):
-    """--distributed: JAX's multi-process runtime. From here on the devices are every process's."""
-    if cfg.distributed:
-        parts = [] if cfg.distributed == 'auto' else cfg.distributed.split(',')
-        if len(parts) not in (0, 3) or not all(p.isdigit() for p in parts[1:]):
-            raise ValueError(f"--distributed={cfg.distributed!r}: write auto, or HOST:PORT,N,I")
-        jax.distributed.initialize(*parts[:1], *(int(p) for p in parts[1:]))
-    if jax.process_index():  # every process computes; process 0 alone prints and writes
-        sys.stdout = open(os.devnull, 'w')
-
-
-def check(cfg):
-    """Everything that can be checked before data is read or a file written -> (model config,
-    mesh, tokenizer). Resolves the flags whose default depends on the machine, takes the model's
-    shape and tokenizer from --init_from's config.json, and looks for checkpoints in out_dir."""
-    if not cfg.dtype:
-        cfg.dtype, why = perf.default_dtype(jax.default_backend(), perf.cpu_features())
-        print(f"{cfg.dtype} compute: {why} (--dtype to choose)")
-    if not cfg.attention:
-        on_gpu = jax.default_backend() == 'gpu' and cfg.dtype == 'bfloat16'
-        cfg.attention = 'cudnn' if on_gpu else 'xla'
-    if cfg.unroll is None:
-        cfg.unroll = jax.default_backend() == 'cpu'
+def check_inputs(cfg):
+    """Every check that needs no device, made by each process before it joins the others, so that
+    a bad flag fails in each at once with the same line. Takes the model's shape and tokenizer from
+    --init_from's config.json. -> the tokenizer."""
     vocab_size = None
     if cfg.init_from:  # the weights set the model's shape; the context may be cut (wpe is cropped)
         fields, cfg.tokenizer = hf.read_config(cfg.init_from)
@@ -204,14 +190,7 @@ def check(cfg):
     if vocab_size not in (None, tok.vocab_size):
         raise ValueError(f"{cfg.init_from} has a vocabulary of {vocab_size}, the "
                          f"{cfg.tokenizer} tokenizer {tok.vocab_size}")
-    mesh = shard.make_mesh(cfg.mesh)
-    model_cfg = model_config(cfg, tok.vocab_size, mesh.shape['data'] if cfg.fsdp else 1)
-    shard.check_divisible(model_cfg, mesh)
-    per_step = mesh.shape['data'] * cfg.grad_accum
-    if cfg.batch_size % per_step:
-        raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by data axis x "
-                         f"grad_accum = {per_step}: use a multiple of {per_step}, or a smaller "
-                         "--grad_accum")
+    shard.check_divisible(cfg)
     has_checkpoints = bool(checkpoint.in_folder(cfg.out_dir))
     if cfg.resume and not has_checkpoints:
         raise ValueError(f"--resume: no checkpoint in {cfg.out_dir}/: drop --resume to start a "
@@ -219,12 +198,84 @@ def check(cfg):
     if has_checkpoints and not (cfg.resume or cfg.overwrite or cfg.bench or cfg.eval_only):
         raise ValueError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue, "
                          "another --out_dir, or --overwrite to delete them")
-    return model_cfg, mesh, tok
+    return tok
+
+
+def start_processes(cfg):
+    """--distributed: JAX's multi-process runtime; from here on the devices are every process's.
+    A process that does not join, or stops answering, is reported in one line after
+    --peer_timeout seconds (JAX's own runtime would abort later, with a C++ stack trace)."""
+    if cfg.distributed:
+        parts = [] if cfg.distributed == 'auto' else cfg.distributed.split(',')
+        if len(parts) not in (0, 3) or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"--distributed={cfg.distributed!r}: write auto, or HOST:PORT,N,I")
+        joined = threading.Event()
+        threading.Thread(target=watch_peers, args=(cfg.peer_timeout, joined), daemon=True).start()
+        later = cfg.peer_timeout + 60  # JAX's timeouts: after ours
+        jax.distributed.initialize(*parts[:1], *(int(p) for p in parts[1:]),
+                                   initialization_timeout=later, heartbeat_timeout_seconds=later)
+        joined.set()
+    if jax.process_index():  # every process computes; process 0 alone prints and writes
+        sys.stdout = open(os.devnull, 'w')
+
+
+def watch_peers(timeout, joined):
+    """A thread: wait for every process to join; then each second write this process's heartbeat
+    into JAX's key-value store, and read the others'. One that stops beating for `timeout`
+    seconds is reported, and this process exits."""
+    def stop(problem):
+        print(f"train.py: {problem}: see its log; then start every process again, with --resume",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    if not joined.wait(timeout):
+        stop(f"the processes did not all join within --peer_timeout={timeout} s (one crashed, "
+             "has other flags, or another HOST:PORT)")
+    client = jax._src.distributed.global_state.client  # the runtime's store (no public name)
+    me, peers = jax.process_index(), range(jax.process_count())
+    last = {peer: (None, time.monotonic()) for peer in peers}
+    for beat in itertools.count():
+        client.key_value_set(f'jaxgpt/alive/{me}', str(beat), allow_overwrite=True)
+        time.sleep(1)
+        for peer in peers:
+            try:
+                seen = client.key_value_try_get(f'jaxgpt/alive/{peer}')
+            except Exception:  # not written yet (the store says NOT_FOUND with an exception)
+                seen = None
+            if seen != last[peer][0]:
+                last[peer] = (seen, time.monotonic())
+            elif time.monotonic() - last[peer][1] > timeout:
+                stop(f"process {peer} has not answered for --peer_timeout={timeout} s")
+
+
+def check_devices(cfg, tok):
+    """The checks that need the devices; resolves the flags whose default depends on them.
+    -> (model config, mesh)."""
+    if not cfg.dtype:
+        cfg.dtype, why = perf.default_dtype(jax.default_backend(), perf.cpu_features())
+        print(f"{cfg.dtype} compute: {why} (--dtype to choose)")
+    if not cfg.attention:
+        on_gpu = jax.default_backend() == 'gpu' and cfg.dtype == 'bfloat16'
+        cfg.attention = 'cudnn' if on_gpu else 'xla'
+    if cfg.attention == 'cudnn' and jax.default_backend() != 'gpu':
+        raise ValueError(f"--attention=cudnn needs an NVIDIA GPU, and this machine computes on "
+                         f"{jax.default_backend()}: use --attention=xla or blockwise")
+    if cfg.unroll is None:
+        cfg.unroll = jax.default_backend() == 'cpu'
+    mesh = shard.make_mesh(cfg.mesh)
+    model_cfg = model_config(cfg, tok.vocab_size, mesh.shape['data'] if cfg.fsdp else 1)
+    shard.check_divisible(model_cfg, mesh.shape['model'])
+    per_step = mesh.shape['data'] * cfg.grad_accum
+    if cfg.batch_size % per_step:
+        raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by data axis x "
+                         f"grad_accum = {per_step}: use a multiple of {per_step}, or a smaller "
+                         "--grad_accum")
+    return model_cfg, mesh
 
 
 def load_data(cfg, tok):  # -> train and val Batches
     train_tokens, val_tokens = data.load_tokens(cfg.data, cfg.tokenizer, cfg.cache_dir)
-    if max(t[:10**6].max(initial=0) for t in (train_tokens, val_tokens)) >= tok.vocab_size:
+    if max(t.max(initial=0) for t in (train_tokens, val_tokens)) >= tok.vocab_size:  # memmapped
         raise ValueError(f"--data={cfg.data} holds token ids beyond the {cfg.tokenizer} "
                          f"tokenizer's {tok.vocab_size}: pass the --tokenizer it was made with")
     return (data.Batches(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, 'train'),
@@ -237,6 +288,9 @@ def claim_out_dir(cfg):
     and --bench and --eval_only, which write nothing)."""
     if cfg.bench or cfg.eval_only:
         return None
+    if os.path.isdir(os.path.join(cfg.out_dir, 'metrics.jsonl')):
+        raise ValueError(f"{cfg.out_dir}/metrics.jsonl is a folder, where train.py keeps its log: "
+                         "move it away")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=cfg.out_dir).close()  # can we write there? (leaves nothing)
@@ -256,6 +310,7 @@ def resume(cfg, params, opt_state):
     """-> params, opt_state, step, cursor, key of the newest checkpoint in out_dir."""
     path = checkpoint.in_folder(cfg.out_dir)[-1]
     arrays, meta = checkpoint.read(path)
+    checkpoint.check_meta(meta, path)
     changed = {k: v for k, v in meta['config'].items()
                if k not in HOW and k in vars(cfg) and v != getattr(cfg, k)}
     if changed:
@@ -328,17 +383,16 @@ def compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, next_batch, 
     return compiled
 
 
-def open_metrics(cfg, lock, step):
+def open_metrics(cfg, lock, step, replacing):
     """metrics.jsonl: every step's loss, each log step's lr and speed, each evaluation's val loss,
     one JSON object a line. A resumed run first drops the rows logged after its checkpoint (a
-    killed run logs steps it never saved), so each step appears once. -> log(**row)."""
+    killed run logs steps it never saved), so each step appears once; a run that replaces an old
+    one (--overwrite) logs to metrics.jsonl.next until its first checkpoint. -> log(**row)."""
     if lock is None:  # not the process that writes
         return lambda **row: None
-    path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-    if cfg.resume and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)['step'] <= step]
-        checkpoint.atomic_write(path, lambda f: f.write(''.join(kept).encode()))
+    path = os.path.join(cfg.out_dir, 'metrics.jsonl' + ('.next' if replacing else ''))
+    if cfg.resume:
+        checkpoint.trim_log(path, step)
     metrics = open(path, 'a' if cfg.resume else 'w')
 
     def log(**row):
@@ -346,18 +400,33 @@ def open_metrics(cfg, lock, step):
     return log
 
 
-def save_checkpoint(cfg, model_cfg, lock, params, opt_state, step, cursor, key):
+def save_checkpoint(cfg, model_cfg, lock, replacing, params, opt_state, step, cursor, key):
     """Write out_dir/ckpt_STEP.npz, gathered from every device of every process (process 0
-    writes), and keep the newest keep_checkpoints. -> its path."""
+    writes), and keep the newest keep_checkpoints. The first save of a run that replaces an old
+    one (--overwrite) deletes the old run's checkpoints, listed in `replacing`, and puts its own
+    log in place: until then the old run is whole. -> the path."""
     arrays = shard.gather({'params': params, 'opt': opt_state})
     meta = dict(step=step, cursor=cursor, key=jax.random.key_data(key).tolist(),
                 config=vars(cfg), model=dataclasses.asdict(model_cfg),
                 params_dtype=params_dtype(cfg))
     path = checkpoint.path_for(cfg.out_dir, step)
-    if lock:
+    if not lock:
+        return path
+    try:
         checkpoint.save(path, arrays, meta)
-        for old in checkpoint.in_folder(cfg.out_dir)[:-cfg.keep_checkpoints]:
-            old.unlink()
+    except OSError as e:
+        newest = (checkpoint.in_folder(cfg.out_dir) or ['none'])[-1]
+        raise ValueError(f"could not write {path} ({e.strerror}): free some space, then "
+                         f"--resume; the newest checkpoint is still {newest}") from None
+    if replacing:
+        for old in replacing:
+            if old != path:
+                old.unlink(missing_ok=True)
+        metrics = os.path.join(cfg.out_dir, 'metrics.jsonl')
+        os.replace(metrics + '.next', metrics)
+        replacing.clear()  # once: from here on this run's checkpoints are the folder's
+    for old in checkpoint.in_folder(cfg.out_dir)[:-cfg.keep_checkpoints]:
+        old.unlink()
     return path
 
 
@@ -440,9 +509,11 @@ def closing_sample(cfg, model_cfg, mesh, params, tok, key):
 
 
 def run(cfg):
+    tok = check_inputs(cfg)
     start_processes(cfg)
-    model_cfg, mesh, tok = check(cfg)
+    model_cfg, mesh = check_devices(cfg, tok)
     train_batches, val_batches = load_data(cfg, tok)
+    gpt2 = hf.read_weights(cfg.init_from, model_cfg) if cfg.init_from and not cfg.resume else None
     lock = claim_out_dir(cfg)
 
     jax.set_mesh(mesh)
@@ -453,11 +524,12 @@ def run(cfg):
     if cfg.resume:
         params, opt_state, step, cursor, key = resume(cfg, params, opt_state)
     elif cfg.init_from:
-        params = hf.load(cfg.init_from, params, model_cfg)
+        params = hf.load(gpt2, params)
         print(f"loaded the weights of {cfg.init_from}")
+    # --overwrite: the old run's checkpoints, deleted only once this run has saved its first
+    replacing = []
     if cfg.overwrite and lock and not cfg.resume:
-        for path in checkpoint.in_folder(cfg.out_dir):
-            path.unlink()
+        replacing = checkpoint.in_folder(cfg.out_dir)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print_header(cfg, mesh, params, opt_state, (train_batches, val_batches), n_params)
 
@@ -475,21 +547,43 @@ def run(cfg):
         return
 
     evaluate = partial(mean_val_loss, eval_loss, next_val_batch=feed(val_batches, mesh), cfg=cfg)
-    save = partial(save_checkpoint, cfg, model_cfg, lock)
-    log = open_metrics(cfg, lock, step)
+    save = partial(save_checkpoint, cfg, model_cfg, lock, replacing)
+    log = open_metrics(cfg, lock, step, bool(replacing))
     params = train(cfg, train_step, next_batch, evaluate, save, log, speed,
                    params, opt_state, step, cursor, key)
     if params is not None and cfg.sample_tokens:
         closing_sample(cfg, model_cfg, mesh, params, tok, key)
 
 
+def stop_before_training(*_):  # SIGTERM before the loop's own handlers: as Ctrl-C
+    raise KeyboardInterrupt
+
+
 def main(argv):
     perf.keep_freed_memory()  # before jax starts its threads
     cfg = flags.parse('train.py', argv, Config(), PRESETS)
+    signal.signal(signal.SIGTERM, stop_before_training)
     try:
-        run(cfg)
+        return run(cfg)
     except (ValueError, FloatingPointError) as e:  # bad input: one line, nothing overwritten
-        sys.exit(f"train.py: {e}")
+        problem = str(e)
+    except KeyboardInterrupt:
+        problem = "stopped by a signal before training began: nothing was saved"
+    except OSError as e:  # the outside world: a full disk, a file that cannot be opened
+        problem = (f"{e.strerror}: {e.filename}: free some space or fix the path, then run again "
+                   "(with --resume to continue)")
+    except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' in str(e):
+            problem = ("out of device memory: make the model, --batch_size or --block_size "
+                       "smaller, or use --grad_accum, --remat=block or --fsdp")
+        elif cfg.distributed:  # a collective with a process that died (its socket closed)
+            problem = (f"another process stopped ({str(e).splitlines()[0][:120]}): see its log; "
+                       "then start every process again, with --resume")
+        else:
+            raise
+    print(f"train.py: {problem}", file=sys.stderr, flush=True)
+    # with other processes, skip JAX's exit, which would wait for them (and the watchdog's line)
+    (os._exit if cfg.distributed else sys.exit)(1)
 
 
 if __name__ == '__main__':
