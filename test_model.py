@@ -971,21 +971,19 @@ def test_resume_past_a_damaged_metrics_log(corpus, tmp_path):
 def test_full_disk_one_line_previous_checkpoint_kept(corpus, tmp_path):
     """A save that the disk refuses (a limit on file size stands in for a full disk) stops the run
     with one line; its temporary file is gone and the previous checkpoint is still the newest."""
-    import resource
     flags = ['--max_iters=8', '--eval_interval=4']
     assert cli('train.py', corpus, f'--out_dir={tmp_path}', *flags).returncode == 0
     (tmp_path / 'ckpt_0000008.npz').unlink()
     limit = (tmp_path / 'ckpt_0000004.npz').stat().st_size // 2
-
-    def small_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
+    small_disk = ('import os, resource, signal, sys; n = int(sys.argv[1]); '
+                  'signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '  # a write past n fails
+                  'resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); '
+                  'os.execv(sys.executable, [sys.executable] + sys.argv[2:])')
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    r = subprocess.run([sys.executable, str(HERE / 'train.py'), f"--data={corpus / 'code.txt'}",
-                        f"--cache_dir={corpus / 'cache'}", *TINY, f'--out_dir={tmp_path}',
-                        *flags, '--resume'], env=env, capture_output=True, text=True,
-                       preexec_fn=small_disk, timeout=300)
+    r = subprocess.run([sys.executable, '-c', small_disk, str(limit), str(HERE / 'train.py'),
+                        f"--data={corpus / 'code.txt'}", f"--cache_dir={corpus / 'cache'}", *TINY,
+                        f'--out_dir={tmp_path}', *flags, '--resume'], env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert 'could not write' in r.stderr and 'ckpt_0000004.npz' in r.stderr
     assert [p.name for p in tmp_path.iterdir() if p.suffix == '.tmp'] == []
