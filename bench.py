@@ -1,11 +1,7 @@
 """Benchmarks that back the README's figures; each subcommand prints the machine and one table.
 
     python bench.py attention   # temporary memory of the compiled step, xla vs blockwise attention
-    python bench.py remat       # GPT-2 124M: memory and ms/step with remat none, block, dots
-    python bench.py compile     # compile time in depth: layers scanned vs unrolled
-    python bench.py all         # the three, in that order
     python bench.py sampling [OUT_DIR]  # a checkpoint: tokens/s with and without KV cache, int8
-    python bench.py memory [MESH]       # FSDP's memory per device (8 devices: XLA_FLAGS, below)
     python bench.py workarounds # each CPU workaround switched off in turn, both shapes and dtypes
     python bench.py nanogpt NANOGPT_DIR [PYTHON_WITH_TORCH]  # nanoGPT's step against ours
 
@@ -14,10 +10,11 @@ mesh as `train.py` builds it (float32 master weights, bf16 compute, AdamW). Memo
 XLA's analysis of the compiled step (`memory_analysis()`: a CPU has no runtime memory
 statistics), so `attention` only compiles and can measure contexts this machine could never run.
 
-Needs: train.py (Config, presets, the optimizer), perf.py (timing, the malloc setting), sample.py
-(the sampler), shard.py, model.py, data.py. Writes nothing.
+Needs: train.py (Config), optim.py (the optimizer), perf.py (timing, the malloc setting),
+sample.py (the sampler), shard.py, model.py, data.py. Writes nothing.
 """
-import math
+import ctypes
+import itertools
 import subprocess
 import sys
 import time
@@ -25,57 +22,45 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import data
+import model
+import optim
 import perf
 import sample
 import shard
 import train
-from model import GPT
 
 MiB = 2**20
-
-
-def machine():
-    return (f"{perf.describe_cpu()}; jax {jax.__version__} on {jax.devices()[0].platform} "
-            f"({jax.devices()[0].device_kind})")
 
 
 def train_dtype():  # what train.py computes with here when --dtype is not given
     return perf.default_dtype(jax.default_backend(), perf.cpu_features())[0]
 
 
-def build(B, T, vocab=256, **flags):
-    """The training step as train.py builds it, at batch B and context T; flags are train.Config's
-    model fields (n_layer, attention, remat, unroll, ...). -> (jitted step, its arguments)."""
+def compiled(B, T, vocab=256, **flags):
+    """The training step as train.py builds it, at batch B and context T, compiled; flags are
+    train.Config's model fields (n_layer, attention, remat, ...). -> (the step, its arguments)."""
     cfg = train.Config(batch_size=B, block_size=T, **flags)  # optimizer, dtype: train.py's
     cfg.dtype = cfg.dtype or train_dtype()
     model_cfg = train.model_config(cfg, vocab)
     mesh = shard.make_mesh('data=1,model=1', jax.devices()[:1])
     jax.set_mesh(mesh)
     graphdef, params, specs = shard.init_params(model_cfg, mesh, cfg.seed, train.params_dtype(cfg))
-    tx = train.make_optimizer(cfg, params)
+    tx = optim.make_optimizer(cfg, params)
     batch = np.zeros((B, T + 1), np.int32)  # (B, T+1) token windows: inputs and shifted targets
     args = (params, jax.jit(tx.init)(params), batch, jax.random.key(0))
-    return shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype), args
+    step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype)
+    return step.lower(*args).compile(), args
 
 
 def timed_steps(exe, args, warmup, steps):
     """perf.timed_steps on one fixed batch. -> (ms of each of `steps` steps after `warmup`, the
     arguments to use next: the step donates the params and optimizer state it is given)."""
     params, opt_state, batch, key = args
-    seconds, params, opt_state, _ = perf.timed_steps(exe, params, opt_state,
-                                                     lambda cursor: (batch, cursor), key,
-                                                     warmup, steps)
+    seconds, params, opt_state, _ = perf.timed_steps(
+        exe, params, opt_state, lambda cursor: (batch, cursor), key, warmup, steps)
     return seconds * 1000, (params, opt_state, batch, key)
-
-
-def compiled(B, T, vocab=256, **flags):  # -> (compiled step, its arguments, lower+compile seconds)
-    step, args = build(B, T, vocab, **flags)
-    t0 = time.perf_counter()
-    exe = step.lower(*args).compile()
-    return exe, args, time.perf_counter() - t0
 
 
 # --- the README's tables -------------------------------------------------------------------------
@@ -88,38 +73,14 @@ def attention():
     print("| T | remat | layers | xla temp MiB | blockwise temp MiB | xla / blockwise | "
           "args MiB (params, Adam, batch) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for remat in ('none', 'block'):
-        for T in (4096, 8192):
-            for unroll in (False, True):
-                m = {impl: compiled(1, T, n_layer=12, n_head=12, n_embd=768, attention=impl,
-                                    remat=remat, unroll=unroll)[0].memory_analysis()
-                     for impl in ('xla', 'blockwise')}
-                x, b = m['xla'].temp_size_in_bytes / MiB, m['blockwise'].temp_size_in_bytes / MiB
-                args = m['xla'].argument_size_in_bytes / MiB
-                print(f"| {T} | {remat} | {'unrolled' if unroll else 'scanned'} | {x:,.0f} | "
-                      f"{b:,.0f} | {x / b:.1f}x | {args:,.0f} |", flush=True)
-
-
-def remat(B=4, T=256, warmup=2, steps=3):
-    """Recomputation trades time for memory: 'block' keeps only each block's input, 'dots' also
-    keeps the matmul outputs and recomputes the elementwise rest."""
-    print(f"GPT-2 124M (12 layers, 12 heads, 768 wide, vocab 50257 padded to 50304), T={T}, "
-          f"B={B}, xla attention, bf16 compute; layers scanned, or unrolled (train.py's CPU "
-          f"default); ms/step: median of {steps} after {warmup} warm-up\n")
-    print("| layers | remat | temp MiB | args MiB | temp + args MiB | compile s | "
-          "ms/step (spread) | tok/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for unroll in (False, True):
-        for policy in ('none', 'block', 'dots'):
-            exe, args, secs = compiled(B, T, 50257, n_layer=12, n_head=12, n_embd=768,
-                                       attention='xla', remat=policy, unroll=unroll)
-            m, (times, args) = exe.memory_analysis(), timed_steps(exe, args, warmup, steps)
-            temp, arg = m.temp_size_in_bytes / MiB, m.argument_size_in_bytes / MiB
-            ms = np.median(times)
-            print(f"| {'unrolled' if unroll else 'scanned'} | {policy} | {temp:,.0f} | "
-                  f"{arg:,.0f} | {temp + arg:,.0f} | {secs:.1f} | {ms:,.0f} ({times.min():,.0f}-"
-                  f"{times.max():,.0f}) | {B * T / ms * 1000:,.0f} |", flush=True)
-            del args, exe  # free this step's buffers before the next is built
+    for remat, T, unroll in itertools.product(('none', 'block'), (4096, 8192), (False, True)):
+        m = {impl: compiled(1, T, n_layer=12, n_head=12, n_embd=768, attention=impl,
+                            remat=remat, unroll=unroll)[0].memory_analysis()
+             for impl in ('xla', 'blockwise')}
+        x, b = m['xla'].temp_size_in_bytes / MiB, m['blockwise'].temp_size_in_bytes / MiB
+        args = m['xla'].argument_size_in_bytes / MiB
+        print(f"| {T} | {remat} | {'unrolled' if unroll else 'scanned'} | {x:,.0f} | "
+              f"{b:,.0f} | {x / b:.1f}x | {args:,.0f} |", flush=True)
 
 
 SHAPES = {'default (4/4/128, T=128, B=32)': (4, 4, 128, 128, 32),  # layers, heads, width, T, B
@@ -127,12 +88,8 @@ SHAPES = {'default (4/4/128, T=128, B=32)': (4, 4, 128, 128, 32),  # layers, hea
 
 
 def workarounds(warmup=2, steps=3):
-    """Each CPU workaround's worth (README: Performance): the step with all of them (the code as it
-    is), then with each switched off in turn, model.py's function swapped for the plain one, at
-    both shapes in float32 and bf16 compute."""
-    import ctypes
-
-    import model
+    """Each CPU workaround's worth (README: Performance): the step as it is, then with each one
+    switched off in turn, model.py's function swapped for the plain one."""
     kept = {'matmul': model.matmul, 'add_bias': model.add_bias, 'gelu': model.gelu}
 
     def autodiff_matmul(spec, x, w, out=None):  # the same forward, autodiff's backward
@@ -158,18 +115,16 @@ def workarounds(warmup=2, steps=3):
     for name, off in rows.items():
         for option, glibc_default in ((-4, 65536), (-1, 128 * 1024)):  # M_MMAP_MAX, M_TRIM_...
             libc.mallopt(option, glibc_default if 'malloc' in off else {-4: 0, -1: -1}[option])
-        for function, default in kept.items():
+        for function, default in kept.items():  # the last row puts back the code as it is
             setattr(model, function, off.get(function, default))
         times = []
         for dtype, shape in columns:
             L, H, C, T, B = SHAPES[shape]
-            exe, args, _ = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla',
-                                    unroll=off.get('unroll', True), dtype=dtype)
+            exe, args = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla',
+                                 unroll=off.get('unroll', True), dtype=dtype)
             times.append(f"{np.median(timed_steps(exe, args, warmup, steps)[0]):,.0f}")
             del args, exe
         print(f"| {name} | " + " | ".join(times) + " |", flush=True)
-    for function, default in kept.items():
-        setattr(model, function, default)
 
 
 NANOGPT_STEP = """
@@ -195,15 +150,14 @@ for _ in range(n):
 
 
 def nanogpt(path, python=sys.executable, rounds=3, warmup=3, steps=5):
-    """nanoGPT's PyTorch training step (model.py from your clone at `path`, run by `python`, which
-    needs torch: float32, dropout 0, its AdamW, clipping at 1.0) against this project's default
-    step at the same shapes, interleaved in one run so that both see the same machine: `rounds`
-    times each, median of `steps` after `warmup`."""
+    """nanoGPT's PyTorch training step (model.py in the clone at `path`, run by `python`, with
+    torch: float32, dropout 0, its AdamW, clipping at 1.0) against ours at the same shapes,
+    interleaved so both see the same machine: `rounds` times each, `steps` after `warmup`."""
     print(f"nanoGPT from {path} (run by {python}) against this project; ms/step per round\n")
     print("| shape | nanoGPT | this project | nanoGPT / this project |")
     print("| --- | --- | --- | --- |")
     for name, (L, H, C, T, B) in SHAPES.items():
-        exe, args, _ = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla', unroll=True)
+        exe, args = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla', unroll=True)
         theirs, ours = [], []
         for _ in range(rounds):
             command = [python, '-c', NANOGPT_STEP, path, *map(str, (L, H, C, T, B, warmup + steps))]
@@ -219,23 +173,9 @@ def nanogpt(path, python=sys.executable, rounds=3, warmup=3, steps=5):
     print(f"\n{torch_line}; this project computes in {train_dtype()}")
 
 
-def compile_time(depths=(6, 12, 24)):
-    """A scan over layers compiles one block whatever the depth; unrolled, XLA compiles each."""
-    print("Lower + compile of the training step: 4 heads, 256 wide, vocab 256, T=128, B=8 "
-          "(one small compile first, untimed, so no row pays for jax's start-up)\n")
-    compiled(8, 128, n_layer=1, n_head=4, n_embd=256, attention='xla', unroll=False)
-    print("| layers | scanned s | unrolled s | unrolled / scanned |")
-    print("| --- | --- | --- | --- |")
-    for L in depths:
-        scanned, unrolled = (compiled(8, 128, n_layer=L, n_head=4, n_embd=256, attention='xla',
-                                      unroll=unroll)[2] for unroll in (False, True))
-        print(f"| {L} | {scanned:.1f} | {unrolled:.1f} | {unrolled / scanned:.1f}x |", flush=True)
-
-
 def sampling(out_dir='out', new_tokens=256, eval_batches=20):
-    """The KV cache, and int8 weights, on one checkpoint (train.py's default run): tokens/s of
-    sample.py's sampler with and without the cache, and with int8 weights (sample.quantize), the
-    bytes of the weights and the validation loss."""
+    """The KV cache, and int8 weights (sample.quantize), on one checkpoint (train.py's default
+    run): sample.py's sampler's tokens/s, the weights' MiB and the validation loss."""
     mesh = shard.make_mesh('data=1,model=1', jax.devices()[:1])
     jax.set_mesh(mesh)
     cfg, graphdef, params, specs, meta = sample.load_checkpoint(out_dir, mesh)
@@ -269,50 +209,19 @@ def sampling(out_dir='out', new_tokens=256, eval_batches=20):
                   flush=True)
 
 
-def memory(spec='data=8,model=1'):
-    """Where FSDP puts the weights: bytes per device of the float32 params and Adam's state for
-    GPT-2 124M and 350M, with and without --fsdp, from the arrays' shardings (jax.eval_shape:
-    nothing is allocated). XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench.py
-    memory"""
-    mesh = shard.make_mesh(spec)
-    jax.set_mesh(mesh)
-
-    def per_device(tree):  # MiB of device 0's shards
-        shards = [math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                  for x in jax.tree.leaves(tree)]
-        return sum(shards) / MiB
-
-    print(f"mesh {dict(mesh.shape)}; MiB per device, float32 params and Adam's two moments\n")
-    print("| model | --fsdp | params MiB | optimizer state MiB | both |")
-    print("| --- | --- | --- | --- | --- |")
-    for name in ('gpt2', 'gpt2-medium'):
-        cfg = train.Config(**train.PRESETS[name])
-        for fsdp in (1, mesh.shape['data']):
-            model_cfg = train.model_config(cfg, 50257, fsdp)
-            _, shapes = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
-            shardings = jax.tree.map(lambda s: jax.NamedSharding(mesh, s),
-                                     nnx.get_partition_spec(shapes))
-            params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  shapes, shardings)
-            opt_state = jax.eval_shape(train.make_optimizer(cfg, params).init, params)
-            p, o = per_device(params), per_device(opt_state)
-            print(f"| {name} | {'on' if fsdp > 1 else 'off'} | {p:,.1f} | {o:,.1f} | "
-                  f"{p + o:,.1f} |", flush=True)
-
-
-COMMANDS = {'attention': attention, 'remat': remat, 'compile': compile_time, 'sampling': sampling,
-            'memory': memory, 'workarounds': workarounds, 'nanogpt': nanogpt}
-USAGE = (f"usage: python bench.py {{{'|'.join(COMMANDS)}|all}}  (sampling [OUT_DIR], memory "
-         "[MESH], nanogpt NANOGPT_DIR [TORCH_PYTHON]; all: the first three)")
+COMMANDS = {'attention': attention, 'sampling': sampling,
+            'workarounds': workarounds, 'nanogpt': nanogpt}
+USAGE = (f"usage: python bench.py {{{'|'.join(COMMANDS)}}}  (sampling [OUT_DIR], nanogpt "
+         "NANOGPT_DIR [TORCH_PYTHON])")
 
 if __name__ == '__main__':
-    name, args = (sys.argv[1:2] or ['all'])[0], sys.argv[2:]
-    if name not in (*COMMANDS, 'all') or (args and name not in ('sampling', 'memory', 'nanogpt')):
+    name, args = (sys.argv[1:2] or [''])[0], sys.argv[2:]
+    if name not in COMMANDS or (args and name not in ('sampling', 'nanogpt')):
         sys.exit(USAGE)
     perf.keep_freed_memory()  # as train.py, so times compare with `train.py --bench`
-    print(machine())
-    for name in ('attention', 'remat', 'compile') if name == 'all' else [name]:
-        t0 = time.perf_counter()
-        print(f"\n## {name}\n")
-        COMMANDS[name](*args)
-        print(f"\n({name}: {time.perf_counter() - t0:.0f} s wall)")
+    print(f"{perf.describe_cpu()}; jax {jax.__version__} on {jax.devices()[0].platform} "
+          f"({jax.devices()[0].device_kind})")
+    t0 = time.perf_counter()
+    print(f"\n## {name}\n")
+    COMMANDS[name](*args)
+    print(f"\n({name}: {time.perf_counter() - t0:.0f} s wall)")

@@ -1,7 +1,6 @@
 """A run's folder on disk, written so that a kill at any moment loses nothing: atomic writes,
 checkpoints (numpy arrays and a JSON header in one .npz, found by the step they hold), the log
-of metrics kept in step with them, and the lock that keeps one run per folder. numpy (with
-ml_dtypes' bfloat16) and the standard library: no device here.
+of metrics kept in step with them, and the lock that keeps one run per folder.
 
 Needs: nothing from the other files.
 """
@@ -77,8 +76,7 @@ def read(path):
 
 
 def check_meta(meta, path):
-    """A training checkpoint's header: the step, data cursor and PRNG key as train.py wrote them
-    (whole numbers, none negative), and the run's config and model as dicts; else a ValueError."""
+    """Check a training checkpoint's header is as train.py writes it; else a ValueError."""
     def whole(x):
         return isinstance(x, int) and not isinstance(x, bool) and x >= 0
     problems = [name for name, ok in (
@@ -95,25 +93,20 @@ def trim_log(path, step):
     """Keep the rows of a JSON-lines log (metrics.jsonl) up to `step`, for a run resuming from its
     checkpoint at that step: rows a killed run logged later, and rows that are not well formed (a
     full disk cuts a line), are dropped, and the count said. A log never stops a resume."""
-    if not os.path.exists(path):
-        return
-    kept, dropped = [], 0
-    with open(path, 'rb') as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-                keep = isinstance(row, dict) and isinstance(row.get('step'), int)
-                keep = keep and row['step'] <= step
-            except ValueError:  # not JSON, or not UTF-8
-                keep = False
-            if keep:
-                kept.append(line.rstrip(b'\n') + b'\n')
-            else:
-                dropped += 1
-    atomic_write(path, lambda f: f.write(b''.join(kept)))
-    if dropped:
-        print(f"{path}: kept the {len(kept)} rows up to step {step}, dropped {dropped} logged "
-              "after that checkpoint or not well formed")
+    def row_step(line):  # the step of a well-formed row, else None
+        try:
+            row = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            return None
+        return row.get('step') if isinstance(row, dict) and type(row.get('step')) is int else None
+    if os.path.exists(path):
+        lines = open(path, 'rb').read().splitlines()
+        kept = [line + b'\n' for line in lines
+                if row_step(line) is not None and row_step(line) <= step]
+        atomic_write(path, lambda f: f.write(b''.join(kept)))
+        if len(kept) < len(lines):
+            print(f"{path}: kept the {len(kept)} rows up to step {step}, dropped "
+                  f"{len(lines) - len(kept)} logged after that checkpoint or not well formed")
 
 
 def lock(folder):

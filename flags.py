@@ -39,23 +39,19 @@ def rule(field):  # what --help and the error messages say a flag may be
     return f"in {within}" if within else ''
 
 
-def print_help(prog, cfg, presets):
-    print(f"usage: python {prog} [--name=value ...]   (--flag alone means --flag=True)\n")
-    for f in dataclasses.fields(cfg):
-        allowed = rule(f)
-        allowed = f"; {allowed}" if allowed else ''
-        print(f"  --{f.name}={getattr(cfg, f.name)!r}\n      {f.metadata['help']}{allowed}")
-    if presets:
-        print(f"\npresets (--preset=NAME, then your flags on top): {', '.join(presets)}")
-
-
 def parse(prog, argv, cfg, presets=None):
     """Set the fields of the dataclass `cfg` from argv (a preset's values first, then the flags on
     top) and check each; a bad flag exits with one line that names it and what it may be."""
     presets = presets or {}
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     if '-h' in argv or '--help' in argv:
-        print_help(prog, cfg, presets)
+        print(f"usage: python {prog} [--name=value ...]   (--flag alone means --flag=True)\n")
+        for f in fields.values():
+            allowed = rule(f)
+            allowed = f"; {allowed}" if allowed else ''
+            print(f"  --{f.name}={getattr(cfg, f.name)!r}\n      {f.metadata['help']}{allowed}")
+        if presets:
+            print(f"\npresets (--preset=NAME, then your flags on top): {', '.join(presets)}")
         sys.exit(0)
     pairs = []
     for arg in argv:

@@ -14,8 +14,7 @@ f32 = jnp.float32
 
 
 def blockwise_attention(q, k, v, q_pos, k_pos, block=128):
-    """q (B, Tq, H, D), k and v (B, Tk, H, D) -> (B, Tq, H, D), causal by positions, as
-    model.attention.
+    """q (B, Tq, H, D), k and v (B, Tk, H, D) -> (B, Tq, H, D), causal by positions.
 
     A `lax.scan` walks the keys and values one block at a time. Each query keeps a running max m
     of its scores, the running total of exp(score - m), and o, the values weighted so; a block
@@ -30,8 +29,7 @@ def blockwise_attention(q, k, v, q_pos, k_pos, block=128):
 
 def _kv_blocks(k, v, k_pos, block):  # -> k and v blocks (n, B, block, H, D), positions (n, block)
     B, T, H, D = k.shape
-    k_blocks = k.reshape(B, T // block, block, H, D).swapaxes(0, 1)
-    v_blocks = v.reshape(B, T // block, block, H, D).swapaxes(0, 1)
+    k_blocks, v_blocks = (a.reshape(B, T // block, block, H, D).swapaxes(0, 1) for a in (k, v))
     return k_blocks, v_blocks, k_pos.reshape(-1, block)
 
 

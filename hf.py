@@ -17,8 +17,7 @@ from model import GPT
 from shard import put
 
 # Hugging Face's names for layer i's tensors (h.{i}.NAME) -> ours, in the stacked layers GPT.h.
-# Its Conv1D weights are (in, out), as ours; only the fused q/k/v is reshaped: (C, 3C) <->
-# (C, 3, C).
+# Conv1D weights are (in, out), as ours; only the fused q/k/v is reshaped: (C, 3C) <-> (C, 3, C).
 LAYER_NAMES = {
     'ln_1.weight': ('ln_1', 'scale'), 'ln_1.bias': ('ln_1', 'bias'),
     'attn.c_attn.weight': ('attn', 'c_attn'), 'attn.c_attn.bias': ('attn', 'c_attn_bias'),
@@ -74,7 +73,6 @@ def write_safetensors(path, arrays):  # {name: array}, written as float32, atomi
         f.write(head)
         for a in arrays.values():
             f.write(np.ascontiguousarray(a, '<f4').tobytes())
-
     atomic_write(path, write)
 
 
@@ -104,19 +102,16 @@ def read_config(folder):
                          ) from None
 
 
-def hf_shape(name, shape):  # our per-layer shape -> Hugging Face's
-    if name == 'c_attn':
-        return (shape[0], shape[1] * shape[2])
-    if name == 'c_attn_bias':
-        return (shape[0] * shape[1],)
+def hf_shape(name, shape):  # our per-layer shape -> Hugging Face's: the fused q/k/v flattened
+    if name in ('c_attn', 'c_attn_bias'):  # (C, 3, C) -> (C, 3C); (3, C) -> (3C,)
+        return (*shape[:-2], shape[-2] * shape[-1])
     return tuple(shape)
 
 
 def to_hf(params, cfg):
     """params (an nnx.State, on any mesh) -> {Hugging Face name: float32 numpy array}."""
     p = jax.device_get(nnx.to_pure_dict(params))  # nested dicts of whole (gathered) arrays
-    out = {'wte.weight': p['wte'][:cfg.vocab_size],  # the vocabulary's padding dropped
-           'wpe.weight': p['wpe'],
+    out = {'wte.weight': p['wte'][:cfg.vocab_size], 'wpe.weight': p['wpe'],  # vocab padding cut
            'ln_f.weight': p['ln_f']['scale'], 'ln_f.bias': p['ln_f']['bias']}
     for hf_name, (module, name) in LAYER_NAMES.items():
         for i, a in enumerate(p['h'][module][name]):
@@ -125,9 +120,8 @@ def to_hf(params, cfg):
 
 
 def read_weights(folder, cfg):
-    """folder/model.safetensors -> our params as nested dicts of numpy arrays, or a ValueError
-    naming a missing, unexpected, misshapen or non-finite tensor. Checked before anything is
-    written. A longer wpe is cropped to cfg.block_size."""
+    """folder/model.safetensors -> our params as nested dicts of numpy arrays, all checked before
+    anything is written, or a ValueError naming the tensor at fault."""
     tensors = {}
     for k, v in read_safetensors(Path(folder) / 'model.safetensors').items():
         if not k.endswith(('.attn.bias', '.attn.masked_bias', 'lm_head.weight')):  # masks; tied
@@ -140,7 +134,7 @@ def read_weights(folder, cfg):
         for i in range(cfg.n_layer):
             shapes[f'h.{i}.{hf_name}'] = hf_shape(name, ours['h'][module][name].shape[1:])
     if 'wpe.weight' in tensors:
-        tensors['wpe.weight'] = tensors['wpe.weight'][:cfg.block_size]
+        tensors['wpe.weight'] = tensors['wpe.weight'][:cfg.block_size]  # a longer one: cropped
     for problem, names in (('lacks', shapes.keys() - tensors.keys()),
                            ('has unexpected', tensors.keys() - shapes.keys())):
         if names:
@@ -154,7 +148,6 @@ def read_weights(folder, cfg):
         if not np.isfinite(tensors[k]).all():
             raise ValueError(f"{folder}/model.safetensors: {k} holds NaN or infinite values: "
                              "these weights are broken; export or download them again")
-
     vocab_padding = [(0, cfg.padded_vocab - cfg.vocab_size), (0, 0)]  # zero rows, never read
     new = {'wte': np.pad(tensors['wte.weight'], vocab_padding), 'wpe': tensors['wpe.weight'],
            'ln_f': {'scale': tensors['ln_f.weight'], 'bias': tensors['ln_f.bias']}, 'h': {}}

@@ -1,7 +1,6 @@
 """How fast the training step runs on this machine, and the settings that make it fast there:
 the compute dtype that suits the CPU, malloc kept for XLA:CPU, the model's FLOPs and the device's
-peak (a data sheet's, or on a CPU a measured matmul), the speed each log line reports, and
-`train.py --bench`.
+peak, the speed each log line reports, and `train.py --bench`.
 
 Needs: nothing from the other files.
 """
@@ -21,22 +20,22 @@ PEAK_TFLOPS = {'H100 PCIe': dict(bfloat16=756, float32=51), 'H100': dict(bfloat1
                'TPU v5 lite': dict(bfloat16=197), 'TPU v5': dict(bfloat16=459),
                'TPU v6 lite': dict(bfloat16=918)}
 
-
 # Where a CPU multiplies bf16 natively: x86's AVX-512 BF16 and AMX, arm64's BFDOT/BFMMLA (Linux's
 # names, as /proc/cpuinfo lists them). Elsewhere XLA:CPU widens every bf16 operand to float32
 # first, and bf16 compute is slower than float32 (README: Performance).
 NATIVE_BF16 = {'avx512_bf16', 'amx_bf16', 'bf16'}
 
 
-def cpu_features(path='/proc/cpuinfo'):
-    """The CPU's feature flags, as Linux lists them ('flags' on x86, 'Features' on arm64); an empty
-    set where there is no /proc/cpuinfo (macOS, Windows)."""
+def cpuinfo(path, *fields):  # the values of these fields in Linux's /proc/cpuinfo (none: macOS)
     try:
         lines = open(path).read().splitlines()
     except OSError:
-        return set()
-    return {flag for line in lines if line.startswith(('flags', 'Features'))
-            for flag in line.split(':', 1)[1].split()}
+        return []
+    return [line.split(':', 1)[1].strip() for line in lines if line.startswith(fields)]
+
+
+def cpu_features(path='/proc/cpuinfo'):  # the CPU's flags: 'flags' on x86, 'Features' on arm64
+    return {flag for value in cpuinfo(path, 'flags', 'Features') for flag in value.split()}
 
 
 def default_dtype(backend, features):
@@ -50,22 +49,16 @@ def default_dtype(backend, features):
     return 'float32', 'this CPU has no native bf16'
 
 
-def describe_cpu(features=None):
-    """One line: the CPU, its widest vector instructions, native bf16 or not, and the cap on
-    what XLA:CPU may emit, if XLA_FLAGS sets one."""
-    features = cpu_features() if features is None else features
-    try:
-        model = next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
-                     if line.startswith('model name'))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
+def describe_cpu():
+    """One line: the CPU, its widest vector instructions, native bf16, XLA_FLAGS' cap on XLA:CPU."""
+    features = cpu_features()
+    name = (cpuinfo('/proc/cpuinfo', 'model name') or [platform.machine()])[0]
     isa = next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('asimd', 'NEON'))
                 if flag in features), 'no AVX2')
-    cap = next((flag.split('=')[1] for flag in os.environ.get('XLA_FLAGS', '').split()
-                if flag.startswith('--xla_cpu_max_isa=')), 'none')
-    native = sorted(NATIVE_BF16 & features) or ['none']
-    return (f"cpu: {model}, {os.cpu_count()} cores, {isa}; native bf16: {', '.join(native)}; "
-            f"XLA:CPU ISA cap: {cap}")
+    cap = [flag for flag in os.environ.get('XLA_FLAGS', '').split() if 'max_isa' in flag]
+    return (f"cpu: {name}, {os.cpu_count()} cores, {isa}; native bf16: "
+            f"{', '.join(sorted(NATIVE_BF16 & features)) or 'none'}; XLA:CPU cap: "
+            f"{cap[0].split('=')[1] if cap else 'none'}")
 
 
 def keep_freed_memory():
@@ -128,9 +121,8 @@ def matmul_flops(dtype, n=2048):
 
 
 def timed_steps(train_step, params, opt_state, next_batch, key, warmup, steps):
-    """Run warmup + steps steps, reading the clock only once each has finished. -> (the seconds
-    of the last `steps`, and the params, optimizer state and cursor after them: the step donates
-    the ones it is given)."""
+    """Run warmup + steps steps, each timed until it has finished. -> (the seconds of the last
+    `steps`, and the params, optimizer state and cursor after them: the step donates its own)."""
     cursor, times = 0, []
     for i in range(warmup + steps):
         batch, cursor = next_batch(cursor)
@@ -144,8 +136,7 @@ def timed_steps(train_step, params, opt_state, next_batch, key, warmup, steps):
 def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_step, dtype,
               profile='', warmup=3, steps=10):
     """train.py --bench: time `steps` steps after `warmup`; then the step's FLOP/s against the
-    device's peak (where no data sheet applies, as on a CPU: a measured matmul), its memory, and
-    with `profile` (a folder) a jax.profiler trace of three more steps."""
+    device's peak, its memory, and with `profile` (a folder) a jax.profiler trace of 3 more."""
     times, params, opt_state, cursor = timed_steps(train_step, params, opt_state, next_batch, key,
                                                    warmup, steps)
     if jax.default_backend() == 'cpu':
@@ -164,10 +155,9 @@ def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_s
         print(f"peak device memory {peak_memory / 2**30:.2f} GiB")
     else:  # no runtime statistics (CPU): what the compiled step reserves
         m = train_step.memory_analysis()
-        print(f"device memory of the compiled step: "
-              f"{(m.temp_size_in_bytes + m.argument_size_in_bytes) / 2**30:.2f} GiB "
-              f"({m.temp_size_in_bytes / 2**30:.2f} GiB temporary, the rest params, optimizer "
-              "state, batch)")
+        temp, args = m.temp_size_in_bytes / 2**30, m.argument_size_in_bytes / 2**30
+        print(f"device memory of the compiled step: {temp + args:.2f} GiB ({temp:.2f} GiB "
+              "temporary, the rest params, optimizer state, batch)")
     if profile:
         jax.profiler.start_trace(profile)
         for _ in range(3):

@@ -41,21 +41,16 @@ class SampleConfig:
     start: str = flag('\n', 'the prompt, or FILE:path to read it from a file')
     num_samples: int = flag(2, 'samples drawn side by side', within='[1, inf)')
     max_new_tokens: int = flag(300, 'tokens to draw per sample', within='[0, inf)')
-    temperature: float = flag(0.8, 'below 1 sharper, above 1 more random, 0 always the most '
-                              'likely token (greedy)', within='[0, inf)')
+    temperature: float = flag(0.8, 'below 1 sharper, above 1 wilder, 0 greedy', within='[0, inf)')
     top_k: int = flag(200, 'keep the k most likely tokens; 0 keeps all', within='[0, inf)')
-    top_p: float = flag(1.0, 'keep the fewest most likely tokens whose probabilities reach top_p; '
-                        '1 keeps all', within='(0, 1]')
+    top_p: float = flag(1.0, 'keep the fewest likeliest tokens holding top_p', within='(0, 1]')
     seed: int = flag(1337, 'seeds the draws', within='[0, 2**63)')
     mesh: str = flag('', 'e.g. model=2 to split a big model; empty: every device on data')
-    init_from: str = flag('', "sample GPT-2's weights instead: a folder with Hugging Face's "
-                          'config.json and model.safetensors')
-    dtype: str = flag('', "what the model computes with; '' the weights' own (float32 masters: "
-                      'float32, exact)', choices=('bfloat16', 'float32', ''))
-    quantize: str = flag('', "int8: the layers' matmul weights as int8, with a scale per output "
-                         'channel and group of input rows', choices=('int8', ''))
-    export: str = flag('', "write the checkpoint as GPT-2 in Hugging Face's layout to this "
-                       'folder, then exit')
+    init_from: str = flag('', "a GPT-2 folder (config.json, model.safetensors) to sample instead")
+    dtype: str = flag('', "the compute dtype; '': the weights' own",
+                      choices=('bfloat16', 'float32', ''))
+    quantize: str = flag('', "int8: the layers' matmul weights as int8", choices=('int8', ''))
+    export: str = flag('', "write the checkpoint to this folder as GPT-2 (Hugging Face), exit")
     cache: bool = flag(True, 'False reruns the whole context for every new token (to compare)')
 
 
@@ -173,8 +168,8 @@ def load_checkpoint(out_dir, mesh):
                          "--out_dir")
     arrays, meta = checkpoint.read(paths[-1])
     checkpoint.check_meta(meta, paths[-1])
-    run = meta['config']  # a checkpoint of an older version may lack params_dtype
-    meta.setdefault('params_dtype', 'float32' if run.get('master_weights') else run.get('dtype'))
+    config = meta['config']  # an older version's checkpoint lacks params_dtype
+    meta.setdefault('params_dtype', 'float32' if config.get('master_weights') else config['dtype'])
     try:
         model_cfg = GPTConfig(**{**meta['model'], 'fsdp': 1})
     except TypeError:
@@ -200,10 +195,8 @@ def load_gpt2(folder, mesh):  # the same, from GPT-2's weights in Hugging Face's
 
 
 def read_prompt(start):  # --start: the prompt, or FILE:path
-    if not start.startswith('FILE:'):
-        return start
     try:
-        return Path(start.removeprefix('FILE:')).read_text()
+        return Path(start[5:]).read_text() if start.startswith('FILE:') else start
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, 'strerror', None) or 'not UTF-8 text'
         raise ValueError(f"--start={start}: cannot read it ({reason}): pass a readable text "
@@ -211,9 +204,9 @@ def read_prompt(start):  # --start: the prompt, or FILE:path
 
 
 def export(folder, params, model_cfg, tokenizer, eot):  # --export, in one line if it cannot
-    if Path(folder).exists() and not Path(folder).is_dir():
-        raise ValueError(f"--export={folder} is a file: pass a folder (new, or one to overwrite)")
     try:
+        if Path(folder).is_file():
+            raise NotADirectoryError(20, 'a file, not a folder')
         hf.export(folder, params, model_cfg, tokenizer, eot)
     except OSError as e:
         raise ValueError(f"--export={folder} cannot be written ({e.strerror}): choose another "

@@ -38,6 +38,7 @@ import checkpoint
 import data
 import hf
 import model
+import optim
 import perf
 import sample
 import shard
@@ -84,7 +85,7 @@ def grads_on(spec, cfg=CFG, dtype=jnp.float32, batch=None, apply=None, **kw):
             jax.tree.structure(params),
             [jax.device_put(g, p.sharding)
              for g, p in zip(jax.tree.leaves(apply), jax.tree.leaves(params))])
-        tx = train.make_optimizer(tc, params)
+        tx = optim.make_optimizer(tc, params)
         update = jax.jit(lambda p, g: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))
         return jax.device_get((loss, grads, update(params, given)))
 
@@ -135,7 +136,7 @@ def test_overfits_one_batch():
     batch = tokens(2, (4, 17))
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
-        tx = train.make_optimizer(tc, params)
+        tx = optim.make_optimizer(tc, params)
         step, opt = step_fn(graphdef, specs, mesh, tx, tc), jax.jit(tx.init)(params)
         for i in range(100):
             params, opt, loss = step(params, opt, batch, jax.random.key(0))
@@ -177,7 +178,7 @@ def test_fsdp_equals_unsharded(spec, reference):
     mesh = mesh_of(spec)
     with jax.set_mesh(mesh):
         _, params, specs = shard.init_params(cfg, mesh, 0, jnp.float32)
-        opt_state = jax.jit(train.make_optimizer(tcfg(), params).init)(params)
+        opt_state = jax.jit(optim.make_optimizer(tcfg(), params).init)(params)
     split = [(x, s) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(specs)) if 'data' in s]
     for x, s in split:
         assert (x.addressable_shards[0].data.size
@@ -201,7 +202,7 @@ def test_weight_decay_only_on_matrices():
     mesh = mesh_of('data=1,model=1')
     with jax.set_mesh(mesh):
         _, params, _ = shard.init_params(CFG, mesh, 0, jnp.float32)
-        tx = train.make_optimizer(tcfg(learning_rate=1.0, weight_decay=0.5), params)
+        tx = optim.make_optimizer(tcfg(learning_rate=1.0, weight_decay=0.5), params)
         zero = jax.tree.map(jnp.zeros_like, params)  # no gradient: what moves is weight decay
         updates, _ = tx.update(zero, tx.init(params), params)
     for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
@@ -284,13 +285,13 @@ def test_blockwise_model_in_shard_map(reference):
 
 def test_schedule_first_step_learns():
     tc = tcfg(warmup_iters=10, learning_rate=1e-3, max_iters=100, min_lr=1e-4)
-    lr = train.lr_schedule(tc)
+    lr = optim.lr_schedule(tc)
     np.testing.assert_allclose([lr(0), lr(9), lr(10), lr(100)],
                                [1e-3 / 11, 1e-3 * 10 / 11, 1e-3, 1e-4], rtol=1e-6)
     mesh = mesh_of('data=1,model=1')
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
-        tx = train.make_optimizer(tc, params)
+        tx = optim.make_optimizer(tc, params)
         before = jax.device_get(params)
         after, _, _ = step_fn(graphdef, specs, mesh, tx, tc)(
             params, jax.jit(tx.init)(params), tokens(0), jax.random.key(0))
@@ -346,7 +347,7 @@ def train_losses(dtype, master, steps=40):
     ids = data.ByteTokenizer().encode(text)[:16 * 17 * 8].reshape(-1, 17).astype(np.int32)
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(CFG, mesh, 0, 'float32' if master else dtype)
-        tx = train.make_optimizer(tc, params)
+        tx = optim.make_optimizer(tc, params)
         step, opt = step_fn(graphdef, specs, mesh, tx, tc), jax.jit(tx.init)(params)
         losses = []
         for i in range(steps):
@@ -660,7 +661,7 @@ def test_export_then_import_is_bit_exact(tmp_path):
     mesh = mesh_of('data=2,model=4')
     with jax.set_mesh(mesh):
         graphdef, params, specs = shard.init_params(HF_CFG, mesh, 0, jnp.float32)
-        tx = train.make_optimizer(tcfg(), params)
+        tx = optim.make_optimizer(tcfg(), params)
         params, _, _ = step_fn(graphdef, specs, mesh, tx, tcfg())(
             params, jax.jit(tx.init)(params), tokens(0) % HF_CFG.vocab_size, jax.random.key(0))
         hf.export(tmp_path, params, HF_CFG, 'gpt2', eot=50256)

@@ -14,25 +14,22 @@ holds everything the next step depends on (params, optimizer state, step, PRNG k
 config), so --resume continues exactly.
 
 Needs: model.py (GPTConfig), data.py (tokens, batches), shard.py (mesh, params, the step),
-checkpoint.py (the out_dir on disk), hf.py (GPT-2's weights), sample.py (the closing sample),
-perf.py (speed, --bench), flags.py (the command line).
+optim.py (AdamW and its schedule), checkpoint.py (the out_dir on disk), hf.py (GPT-2's weights),
+sample.py (the closing sample), perf.py (speed, --bench), processes.py (--distributed), flags.py
+(the command line).
 """
 import dataclasses
-import itertools
 import json
 import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental.multihost_utils import process_allgather
 from jax.sharding import PartitionSpec as P
 
@@ -40,7 +37,9 @@ import checkpoint
 import data
 import flags
 import hf
+import optim
 import perf
+import processes
 import sample
 import shard
 from flags import flag
@@ -53,8 +52,7 @@ POSITIVE = '[1, inf)'
 @dataclass
 class Config:
     # data
-    data: str = flag('stdlib', 'stdlib, shakespeare, a text file, folder or glob, or a folder '
-                     'holding nanoGPT\'s train.bin/val.bin')
+    data: str = flag('stdlib', 'stdlib, shakespeare, a file, folder or glob, or train.bin/val.bin')
     tokenizer: str = flag('byte', 'how text becomes token ids', choices=('byte', 'gpt2'))
     cache_dir: str = flag(CACHE_DIR, 'where tokenized text is kept, keyed by its contents')
     # the model: the fields of model.GPTConfig, but vocab_size, which the tokenizer sets
@@ -65,24 +63,21 @@ class Config:
     dropout: float = flag(0.0, 'the dropout rate, in training', within='[0, 1)')
     bias: bool = flag(True, 'biases in Linear layers and LayerNorms, as GPT-2')
     # how to compute it: the defaults are what measured fastest (README: Performance)
-    dtype: str = flag('', "what the model computes with; '': bf16 on GPUs, TPUs and CPUs with a "
-                      'native bf16 dot product, else float32', choices=('bfloat16', 'float32', ''))
+    dtype: str = flag('', "the compute dtype; '': bf16 where native, else float32",
+                      choices=('bfloat16', 'float32', ''))
     master_weights: bool = flag(True, 'keep float32 params for the optimizer; False: bf16 only')
-    attention: str = flag('', "'' means cudnn on NVIDIA GPUs with bf16, else xla",
+    attention: str = flag('', "'': cudnn on NVIDIA GPUs in bf16, else xla",
                           choices=('xla', 'blockwise', 'cudnn', ''))
-    remat: str = flag('none', 'recompute in the backward pass, to fit bigger batches: block '
-                      'keeps each block\'s input, dots its matmul outputs too',
+    remat: str = flag('none', 'recompute in the backward pass (dots: keep matmul outputs)',
                       choices=('none', 'block', 'dots'))
     unroll: bool = flag(None, 'compile every layer, not one block in a loop; unset: on for CPUs')
     mesh: str = flag('', "devices as data=N,model=M; '': every device on data, of every process")
-    distributed: str = flag('', "many processes: auto (SLURM, TPU pods, ...), or HOST:PORT,N,I "
-                            "(process 0's address, the count, this one's id)")
+    distributed: str = flag('', "auto (SLURM, TPU pods), or process 0's HOST:PORT,count,this id")
     fsdp: bool = flag(False, "also split weights, float32 masters and Adam's moments over data")
-    peer_timeout: int = flag(60, 'with --distributed: seconds to wait for a process that has not '
-                             'joined, or has stopped answering, before stopping', within=POSITIVE)
+    peer_timeout: int = flag(60, 'seconds to wait for a process that has not joined or answered',
+                             within=POSITIVE)
     # optimization
-    batch_size: int = flag(32, 'sequences per step, over all devices and micro-batches',
-                           within=POSITIVE)
+    batch_size: int = flag(32, 'sequences per step, all devices and micro-batches', within=POSITIVE)
     grad_accum: int = flag(1, 'micro-batches per step, scanned in sequence', within=POSITIVE)
     max_iters: int = flag(600, 'training steps', within='[0, inf)')
     learning_rate: float = flag(2e-3, 'the peak learning rate, after warmup', within='(0, inf)')
@@ -100,11 +95,9 @@ class Config:
     eval_iters: int = flag(10, 'batches per validation estimate', within=POSITIVE)
     keep_checkpoints: int = flag(3, 'the newest checkpoints kept', within=POSITIVE)
     resume: bool = flag(False, 'continue from the newest checkpoint in out_dir')
-    init_from: str = flag('', "start from GPT-2's weights: a folder with Hugging Face's "
-                          'config.json and model.safetensors')
+    init_from: str = flag('', "start from a GPT-2 folder (config.json, model.safetensors)")
     eval_only: bool = flag(False, 'print the val loss, perplexity and bits per byte, then exit')
-    overwrite: bool = flag(False, 'start afresh in an out_dir that holds checkpoints, deleting '
-                           'them')
+    overwrite: bool = flag(False, "start afresh in an out_dir with checkpoints: they go later")
     sample_tokens: int = flag(200, 'tokens sampled at the end; 0 for none', within='[0, inf)')
     bench: bool = flag(False, 'time the step (compile, ms, tokens/s, MFU, memory), then exit')
     profile: str = flag('', 'with --bench: a folder to write a jax.profiler trace of 3 steps to')
@@ -145,39 +138,9 @@ def params_dtype(cfg):  # float32 master copies, or the compute dtype itself
     return 'float32' if cfg.master_weights else cfg.dtype
 
 
-# --- the optimizer ------------------------------------------------------------------------------
-def lr_schedule(cfg):
-    """nanoGPT's: a linear warmup that starts at lr / (warmup + 1), so the first step learns, then
-    a cosine decay to min_lr at max_iters. Takes optax's count: 0 for the first step."""
-    def lr(count):
-        warm = cfg.learning_rate * (count + 1) / (cfg.warmup_iters + 1)
-        decay_steps = max(cfg.max_iters - cfg.warmup_iters, 1)
-        t = jnp.clip((count - cfg.warmup_iters) / decay_steps, 0.0, 1.0)
-        cosine = 0.5 * (1 + jnp.cos(jnp.pi * t))  # 1 -> 0
-        decay = cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
-        return jnp.where(count < cfg.warmup_iters, warm, decay)
-    return lr
-
-
-def make_optimizer(cfg, params):
-    """AdamW with lr_schedule and global-norm clipping; weight decay on matrices only, not on
-    biases or LayerNorm scales."""
-    def decays(path, _):
-        return not any(word in str(k) for k in path for word in ('bias', 'scale'))
-
-    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2,
-                        weight_decay=cfg.weight_decay,
-                        mask=jax.tree_util.tree_map_with_path(decays, params),
-                        # the moments in the params' dtype: float32 gradients would promote them
-                        mu_dtype=jax.tree.leaves(params)[0].dtype)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-
-
-# --- the stages of a run, in order ----------------------------------------------------------------
 def check_inputs(cfg):
-    """Every check that needs no device, made by each process before it joins the others, so that
-    a bad flag fails in each at once with the same line. Takes the model's shape and tokenizer from
-    --init_from's config.json. -> the tokenizer."""
+    """Every check that needs no device, so each process fails at once with the same line, before
+    it joins the others. -> the tokenizer (with --init_from, config.json's, and its shape)."""
     vocab_size = None
     if cfg.init_from:  # the weights set the model's shape; the context may be cut (wpe is cropped)
         fields, cfg.tokenizer = hf.read_config(cfg.init_from)
@@ -201,56 +164,7 @@ def check_inputs(cfg):
     return tok
 
 
-def start_processes(cfg):
-    """--distributed: JAX's multi-process runtime; from here on the devices are every process's.
-    A process that does not join, or stops answering, is reported in one line after
-    --peer_timeout seconds (JAX's own runtime would abort later, with a C++ stack trace)."""
-    if cfg.distributed:
-        parts = [] if cfg.distributed == 'auto' else cfg.distributed.split(',')
-        if len(parts) not in (0, 3) or not all(p.isdigit() for p in parts[1:]):
-            raise ValueError(f"--distributed={cfg.distributed!r}: write auto, or HOST:PORT,N,I")
-        joined = threading.Event()
-        threading.Thread(target=watch_peers, args=(cfg.peer_timeout, joined), daemon=True).start()
-        later = cfg.peer_timeout + 60  # JAX's timeouts: after ours
-        jax.distributed.initialize(*parts[:1], *(int(p) for p in parts[1:]),
-                                   initialization_timeout=later, heartbeat_timeout_seconds=later)
-        joined.set()
-    if jax.process_index():  # every process computes; process 0 alone prints and writes
-        sys.stdout = open(os.devnull, 'w')
-
-
-def watch_peers(timeout, joined):
-    """A thread: wait for every process to join; then each second write this process's heartbeat
-    into JAX's key-value store, and read the others'. One that stops beating for `timeout`
-    seconds is reported, and this process exits."""
-    def stop(problem):
-        print(f"train.py: {problem}: see its log; then start every process again, with --resume",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-
-    if not joined.wait(timeout):
-        stop(f"the processes did not all join within --peer_timeout={timeout} s (one crashed, "
-             "has other flags, or another HOST:PORT)")
-    client = jax._src.distributed.global_state.client  # the runtime's store (no public name)
-    me, peers = jax.process_index(), range(jax.process_count())
-    last = {peer: (None, time.monotonic()) for peer in peers}
-    for beat in itertools.count():
-        client.key_value_set(f'jaxgpt/alive/{me}', str(beat), allow_overwrite=True)
-        time.sleep(1)
-        for peer in peers:
-            try:
-                seen = client.key_value_try_get(f'jaxgpt/alive/{peer}')
-            except Exception:  # not written yet (the store says NOT_FOUND with an exception)
-                seen = None
-            if seen != last[peer][0]:
-                last[peer] = (seen, time.monotonic())
-            elif time.monotonic() - last[peer][1] > timeout:
-                stop(f"process {peer} has not answered for --peer_timeout={timeout} s")
-
-
-def check_devices(cfg, tok):
-    """The checks that need the devices; resolves the flags whose default depends on them.
-    -> (model config, mesh)."""
+def check_devices(cfg, tok):  # the checks that need the devices, and the defaults they set
     if not cfg.dtype:
         cfg.dtype, why = perf.default_dtype(jax.default_backend(), perf.cpu_features())
         print(f"{cfg.dtype} compute: {why} (--dtype to choose)")
@@ -283,9 +197,8 @@ def load_data(cfg, tok):  # -> train and val Batches
 
 
 def claim_out_dir(cfg):
-    """The first write, once every input has been checked: create out_dir and hold its lock, so
-    that one run at a time writes there. -> the lock (process 0), or None (the other processes,
-    and --bench and --eval_only, which write nothing)."""
+    """The first write, once every input has been checked: out_dir, and its lock (one run at a
+    time). -> the lock, or None for processes but 0, --bench and --eval_only (no writes)."""
     if cfg.bench or cfg.eval_only:
         return None
     if os.path.isdir(os.path.join(cfg.out_dir, 'metrics.jsonl')):
@@ -340,9 +253,8 @@ def print_header(cfg, mesh, params, opt_state, batches, n_params):
 
 
 def feed(batches, mesh):
-    """-> next_batch(cursor) -> (the global (B, T+1) batch at cursor, split over 'data'; the next
-    cursor). Each process reads only the rows its own devices hold; JAX assembles the global
-    array from them."""
+    """-> next_batch(cursor) -> (the global (B, T+1) batch, split over 'data'; the next cursor).
+    Each process reads the rows its devices hold; JAX assembles the global array from them."""
     sharding, shape = jax.NamedSharding(mesh, P('data')), (batches.B, batches.T + 1)
     held = [index[0].indices(batches.B) for index in
             sharding.addressable_devices_indices_map(shape).values()]
@@ -384,10 +296,9 @@ def compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, next_batch, 
 
 
 def open_metrics(cfg, lock, step, replacing):
-    """metrics.jsonl: every step's loss, each log step's lr and speed, each evaluation's val loss,
-    one JSON object a line. A resumed run first drops the rows logged after its checkpoint (a
-    killed run logs steps it never saved), so each step appears once; a run that replaces an old
-    one (--overwrite) logs to metrics.jsonl.next until its first checkpoint. -> log(**row)."""
+    """metrics.jsonl, a JSON object a line: each step's loss, each log step's lr and speed, each
+    val loss. A resumed run drops the rows logged after its checkpoint, so each step appears
+    once; a run replacing another (--overwrite) logs to .next until its first checkpoint."""
     if lock is None:  # not the process that writes
         return lambda **row: None
     path = os.path.join(cfg.out_dir, 'metrics.jsonl' + ('.next' if replacing else ''))
@@ -441,15 +352,14 @@ def check_finite(losses, step, out_dir):  # losses: those of the steps up to `st
 
 def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_state, step,
           cursor, key):
-    """The loop, from `step` to max_iters: one compiled step per batch; every log_interval steps
-    the losses are read back, checked and logged; every eval_interval steps (and at the end) an
-    evaluation and a checkpoint. SIGTERM (pre-emption) or Ctrl-C: at the next log step, check,
-    save and return None, without evaluating (a pre-empted job has seconds, not minutes).
-    -> the params at max_iters."""
+    """The loop, from `step` to max_iters, one compiled step per batch: every log_interval the
+    losses are read back, checked, logged; every eval_interval (and at the end) an evaluation and
+    a checkpoint. SIGTERM or Ctrl-C: at the next log step, check, save and return None, without
+    evaluating (a pre-empted job has seconds). -> the params at max_iters."""
     stop = []  # the signal handlers' flag
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
-    lr = lr_schedule(cfg)
+    lr = optim.lr_schedule(cfg)
     first_step, pending = step, []  # pending: the losses not yet read back from the device
     t_start = t_log = time.perf_counter()
     while step < cfg.max_iters:
@@ -497,8 +407,7 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
 
 
 def closing_sample(cfg, model_cfg, mesh, params, tok, key):
-    """sample_tokens tokens from the trained model, with whole weights (FSDP's split is for
-    training)."""
+    """sample_tokens tokens, with whole weights (FSDP's split is for training)."""
     whole_cfg = dataclasses.replace(model_cfg, fsdp=1)
     graphdef, whole, specs = shard.init_params(whole_cfg, mesh, 0, params_dtype(cfg))
     params = shard.relayout(params, whole)
@@ -510,7 +419,7 @@ def closing_sample(cfg, model_cfg, mesh, params, tok, key):
 
 def run(cfg):
     tok = check_inputs(cfg)
-    start_processes(cfg)
+    processes.start(cfg.distributed, cfg.peer_timeout)
     model_cfg, mesh = check_devices(cfg, tok)
     train_batches, val_batches = load_data(cfg, tok)
     gpt2 = hf.read_weights(cfg.init_from, model_cfg) if cfg.init_from and not cfg.resume else None
@@ -518,7 +427,7 @@ def run(cfg):
 
     jax.set_mesh(mesh)
     graphdef, params, specs = shard.init_params(model_cfg, mesh, cfg.seed, params_dtype(cfg))
-    tx = make_optimizer(cfg, params)
+    tx = optim.make_optimizer(cfg, params)
     opt_state = jax.jit(tx.init)(params)
     step, cursor, key = 0, 0, jax.random.key(cfg.seed)
     if cfg.resume:
