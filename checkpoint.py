@@ -77,13 +77,19 @@ def read(path):
 
 def check_meta(meta, path):
     """Check a training checkpoint's header is as train.py writes it; else a ValueError."""
-    def whole(x):
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    def whole(x, below=2**62):
+        return type(x) is int and 0 <= x < below
+
+    meta = meta if isinstance(meta, dict) else {}
+    key, config, model = meta.get('key'), meta.get('config'), meta.get('model')
+    sizes = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd')
     problems = [name for name, ok in (
         ('step', whole(meta.get('step'))), ('cursor', whole(meta.get('cursor'))),
-        ('key', isinstance(meta.get('key'), list) and all(map(whole, meta['key']))),
-        ('config', isinstance(meta.get('config'), dict)),
-        ('model', isinstance(meta.get('model'), dict))) if not ok]
+        ('key', isinstance(key, list) and len(key) == 2 and all(whole(k, 2**32) for k in key)),
+        ('config', isinstance(config, dict) and config.get('tokenizer') in ('byte', 'gpt2')),
+        ('model', isinstance(model, dict) and all(whole(model.get(k)) and model[k] for k in sizes)
+         and model.get('remat', 'none') in ('none', 'block', 'dots')),
+        ('params_dtype', meta.get('params_dtype', 'float32') in ('float32', 'bfloat16'))) if not ok]
     if problems:
         raise ValueError(f"checkpoint {path} has no valid {', '.join(problems)} in its header: "
                          "it was not written by train.py; delete it to resume from an earlier one")
@@ -96,7 +102,7 @@ def trim_log(path, step):
     def row_step(line):  # the step of a well-formed row, else None
         try:
             row = json.loads(line)
-        except ValueError:  # not JSON, or not UTF-8
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
             return None
         return row.get('step') if isinstance(row, dict) and type(row.get('step')) is int else None
     if os.path.exists(path):

@@ -1,11 +1,10 @@
 """Text in, batches of token windows out: tokenizers, datasets, a token cache, the batch stream.
 
-  tokenizer  'byte': the UTF-8 bytes, 256 ids, no file needed.
-             'gpt2': GPT-2's BPE through tiktoken, built offline from the vendored gpt2.tiktoken.
-  --data     'stdlib' (default): the running Python's standard library .py files, ~12 MB that
-             every machine has. 'shakespeare': Tiny Shakespeare, downloaded once (the only
-             network access). A text file, a folder, or a glob; or a folder holding nanoGPT's
-             train.bin/val.bin.
+  tokenizer  'byte': the UTF-8 bytes, 256 ids. 'gpt2': GPT-2's BPE, built offline by tiktoken
+             from the vendored gpt2.tiktoken.
+  --data     'stdlib': this Python's standard library .py files (~12 MB every machine has).
+             'shakespeare': Tiny Shakespeare, downloaded once (the only network access). A text
+             file, a folder, a glob; or a folder holding nanoGPT's train.bin/val.bin.
 
 Text is tokenized once into uint16 train.bin/val.bin under the cache folder, then memory-mapped.
 Batches are a pure function of (seed, cursor), so a checkpoint only has to save the cursor.
@@ -42,7 +41,7 @@ class ByteTokenizer:
     def to_bytes(self, ids):  # the text's bytes, eot written out
         return b''.join(b'<|endoftext|>' if i == self.eot else bytes([i]) for i in map(int, ids))
 
-    def decode(self, ids):
+    def decode(self, ids):  # as GPT2Tokenizer's
         return self.to_bytes(ids).decode('utf-8', errors='replace')
 
 

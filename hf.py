@@ -54,7 +54,7 @@ def read_safetensors(path):
                 a = (a.astype('<u4') << 16).view('<f4')
             out[name] = np.array(a, np.float32).reshape(entry['shape'])
         return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable safetensors file of F32, F16 or BF16 tensors "
                          f"({type(e).__name__}: {e})") from None
 
@@ -96,7 +96,8 @@ def read_config(folder):
                 raise ValueError(f"{folder}/config.json has {k}={v!r}: a GPT-2's sizes are "
                                  "positive whole numbers")
         return dict(fields, bias=True), config.get('jaxgpt_tokenizer', 'gpt2')
-    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError,
+            RecursionError) as e:
         raise ValueError(f"--init_from={folder}: no usable config.json ({type(e).__name__}: "
                          f"{e}): pass a folder holding GPT-2's config.json and model.safetensors"
                          ) from None

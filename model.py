@@ -1,14 +1,10 @@
-"""GPT-2, as published, in Flax NNX.
+"""GPT-2, as published, in Flax NNX, written as the program ONE device runs inside `jax.shard_map`
+(shard.py): a weight split for tensor parallelism arrives as its local shard, and the two
+row-parallel matmuls end in a `psum` over 'model'. On a 1x1 mesh the psums move nothing.
 
-The model is written as the program ONE device runs inside `jax.shard_map` (see shard.py): a weight
-split for tensor parallelism arrives as its local shard, and the two row-parallel matmuls end in a
-`psum` over the 'model' axis. On a 1x1 mesh the shards are the whole weights and the psums move
-nothing.
-
-Each weight records its layout as `out_sharding` metadata, a mesh axis name ('model', 'data') or
-None per array axis; shard.py derives every partition spec from it and places the weights. A
-layout is written once, beside its init. Params are built with `eager_sharding=False`, so this
-file changes no global setting of Flax and builds anywhere, with or without a mesh.
+Each weight records its layout as `out_sharding` metadata (a mesh axis or None per array axis),
+from which shard.py derives every partition spec: a layout is written once, beside its init.
+Params are built with `eager_sharding=False`: importing this file changes no setting of Flax.
 
 Needs: flash.py (blockwise attention, the memory-efficient kind).
 """
@@ -65,10 +61,9 @@ def normal(rngs, shape, std):
 
 
 def fsdp_gather(tree):
-    """FSDP: every weight in `tree` that is split over 'data', all-gathered whole. GPT calls it
-    inside the layer scan on one layer's weights, so only one layer at a time is whole. In the
-    backward pass the transpose of an all-gather is a reduce-scatter: each device receives the sum
-    over 'data' of its own slice of the gradient."""
+    """FSDP: the weights in `tree` split over 'data', all-gathered whole; inside the layer scan,
+    so one layer at a time is whole. The backward's transpose of an all-gather is a reduce-scatter:
+    each device receives the sum over 'data' of its own slice of the gradient."""
     def gather(v):
         spec = v.out_sharding
         if 'data' not in spec:
@@ -79,20 +74,18 @@ def fsdp_gather(tree):
     return jax.tree.map(gather, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-# --- numerics: how the matmuls, bias adds and GELU compute (backend details) ----------------------
-# The maths is the paper's; the way each is written was measured on two kinds of CPU (README:
-# Performance, `python bench.py workarounds`), and none changes what the model computes.
+# --- numerics: how matmuls, bias adds and GELU compute (backend details, measured by `python
+# bench.py workarounds`; none changes what the model computes) -------------------------------------
 def matmul(spec, x, w, out=None):
     """jnp.einsum(spec, x, w), accumulated in float32, returned as `out` (x's dtype by default).
     Named, so that a remat policy can keep matmul outputs and recompute the rest."""
     return checkpoint_name(_matmul(spec, x, w, out), 'matmul')
 
 
-# The backward is written out for two reasons. Its two matmuls take bf16 and accumulate in float32
-# (autodiff would feed them the float32 accumulator's gradient, at half the speed on XLA:CPU).
-# And the weight's gradient, x^T dy, contracts both over their leading token axes, which XLA:CPU's
-# matmul library takes only after transposing the first operand: computed as (dy^T x)^T when x is
-# the bigger of the two (the MLP's 4C-wide hidden layer), the transpose is of the smaller one.
+# The backward is written out: its matmuls take bf16 and accumulate in float32 (autodiff would
+# give them the float32 accumulator's gradient, at half speed on XLA:CPU); and the weight's
+# gradient x^T dy, for which XLA:CPU's matmul library transposes its first operand, is computed
+# as (dy^T x)^T when x is the bigger (the MLP's 4C-wide hidden layer): the smaller is transposed.
 @partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _matmul(spec, x, w, out):
     return jnp.einsum(spec, x, w, preferred_element_type=f32).astype(out or x.dtype)

@@ -168,8 +168,7 @@ def load_checkpoint(out_dir, mesh):
                          "--out_dir")
     arrays, meta = checkpoint.read(paths[-1])
     checkpoint.check_meta(meta, paths[-1])
-    config = meta['config']  # an older version's checkpoint lacks params_dtype
-    meta.setdefault('params_dtype', 'float32' if config.get('master_weights') else config['dtype'])
+    meta.setdefault('params_dtype', 'float32')  # an older version's checkpoint lacks it
     try:
         model_cfg = GPTConfig(**{**meta['model'], 'fsdp': 1})
     except TypeError:
@@ -196,9 +195,11 @@ def load_gpt2(folder, mesh):  # the same, from GPT-2's weights in Hugging Face's
 
 def read_prompt(start):  # --start: the prompt, or FILE:path
     try:
-        return Path(start[5:]).read_text() if start.startswith('FILE:') else start
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, 'strerror', None) or 'not UTF-8 text'
+        text = Path(start[5:]).read_text() if start.startswith('FILE:') else start
+        text.encode('utf-8')  # a str that is not valid Unicode (lone surrogates) fails here
+        return text
+    except (OSError, UnicodeError, MemoryError) as e:
+        reason = getattr(e, 'strerror', None) or 'not UTF-8 text, or too big'
         raise ValueError(f"--start={start}: cannot read it ({reason}): pass a readable text "
                          "file") from None
 
@@ -234,12 +235,21 @@ def main(argv):
             params = quantize(params, mesh)
     except (ValueError, OSError) as e:  # one line, as train.py
         sys.exit(f"sample.py: {e}")
-    prompt = tok.encode(start).tolist() or [tok.eot]
-    generate = make_sampler(graphdef, specs, mesh, model_cfg, cfg.dtype or meta['params_dtype'],
-                            cfg.temperature, cfg.top_k, cfg.top_p)
+    try:
+        stream(cfg, tok, start, make_sampler(graphdef, specs, mesh, model_cfg,
+                                             cfg.dtype or meta['params_dtype'], cfg.temperature,
+                                             cfg.top_k, cfg.top_p), params)
+    except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        sys.exit("sample.py: out of device memory: ask for fewer --num_samples")
 
-    # The first sample is printed as it comes, through a UTF-8 decoder that holds back the bytes
-    # of a character until it is whole: each token costs the same, however long the text.
+
+def stream(cfg, tok, start, generate, params):
+    """Print the first sample as it comes, through a UTF-8 decoder that holds back the bytes of a
+    character until it is whole (each token costs the same, however long the text); then the
+    others."""
+    prompt = tok.encode(start).tolist() or [tok.eot]
     print(tok.decode(prompt), end='', flush=True)
     utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
     rows = []

@@ -88,8 +88,7 @@ def make_grads(graphdef, specs, mesh, grad_accum=1, use_dropout=False):
     device, into grad_accum micro-batches that run one after another. use_dropout: draw a key per
     micro-batch for the model's dropout (its rate is in the model's config)."""
     n_data = mesh.shape['data']
-    spec_list = jax.tree.leaves(specs)
-    fsdp_split = ['data' in spec for spec in spec_list]  # weights FSDP splits over 'data'
+    fsdp_split = ['data' in spec for spec in jax.tree.leaves(specs)]  # FSDP's, split over 'data'
 
     def local_grads(params, batch, key):
         # Runs on each device. params: local shards in the compute dtype; batch: (B/data, T+1).
@@ -111,8 +110,7 @@ def make_grads(graphdef, specs, mesh, grad_accum=1, use_dropout=False):
             # bf16 gradients are summed in float32, so small micro-batch terms are not lost
             return jax.tree.map(jnp.add, acc, (loss, cast(grads, jnp.float32))), None
 
-        # The carry varies over the mesh axes of what is added to it: each param's (zeros_like),
-        # and 'data' for the loss.
+        # the carry varies over the axes of what is added to it: the params' and, for the loss, data
         zero_loss = jax.lax.pcast(jnp.zeros(()), 'data', to='varying')
         zero_grads = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), params)
         (loss, grads), _ = jax.lax.scan(body, (zero_loss, zero_grads), jnp.arange(grad_accum))
@@ -127,7 +125,7 @@ def make_grads(graphdef, specs, mesh, grad_accum=1, use_dropout=False):
         summed = iter(summed)
         grad_list = [g if split else next(summed) for g, split in zip(grad_list, fsdp_split)]
         grads = jax.tree.unflatten(treedef, grad_list)
-        # divided by the count of micro-batches in the global batch, the sums become means
+        # divided by the global batch's count of micro-batches, the sums become means
         return jax.tree.map(lambda g: g / (n_data * grad_accum), (loss, grads))
 
     sharded_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, P('data'), P()),

@@ -341,11 +341,11 @@ def save_checkpoint(cfg, model_cfg, lock, replacing, params, opt_state, step, cu
     return path
 
 
-def check_finite(losses, step, out_dir):  # losses: those of the steps up to `step`
-    if not np.all(np.isfinite(losses)):
-        first_bad = int(np.argmin(np.isfinite(losses)))
-        raise FloatingPointError(f"the loss became {losses[first_bad]} at step "
-                                 f"{step - len(losses) + 1 + first_bad}: stopped; the last good "
+def check_finite(what, values, step, out_dir):  # values: those of the steps up to `step`
+    if not np.all(np.isfinite(values)):
+        first_bad = int(np.argmin(np.isfinite(values)))
+        raise FloatingPointError(f"the {what} became {values[first_bad]} at step "
+                                 f"{step - len(values) + 1 + first_bad}: stopped; the last good "
                                  f"checkpoint in {out_dir}/ is untouched. Try a lower "
                                  "--learning_rate")
 
@@ -371,11 +371,10 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
         at_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
         if not (at_eval or step % cfg.log_interval == 0):
             continue
-        # never save without checking the losses; every process stops at the same step, agreed
-        # here, where they wait anyway
+        # never save unchecked losses; all processes agree to stop here, where they wait anyway
         stopping = process_allgather(np.int32(len(stop))).max() > 0
         losses = np.array(jax.device_get(pending))
-        check_finite(losses, step, cfg.out_dir)
+        check_finite('loss', losses, step, cfg.out_dir)
         seconds = (time.perf_counter() - t_log) / len(losses)
         eta = (cfg.max_iters - step) * (time.perf_counter() - t_start) / (step - first_step)
         rate = float(lr(step - 1))
@@ -392,10 +391,7 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
             return None
         if at_eval:
             val = evaluate(params)
-            if not np.isfinite(val):
-                raise FloatingPointError(f"the validation loss became {val} at step {step}: "
-                                         f"stopped; the last good checkpoint in {cfg.out_dir}/ "
-                                         "is untouched")
+            check_finite('validation loss', np.array([val]), step, cfg.out_dir)
             print(f"step {step:5d} | val loss {val:.4f} | saved "
                   f"{save(params, opt_state, step, cursor, key)}")
             log(step=step, val_loss=val)
@@ -436,9 +432,8 @@ def run(cfg):
         params = hf.load(gpt2, params)
         print(f"loaded the weights of {cfg.init_from}")
     # --overwrite: the old run's checkpoints, deleted only once this run has saved its first
-    replacing = []
-    if cfg.overwrite and lock and not cfg.resume:
-        replacing = checkpoint.in_folder(cfg.out_dir)
+    fresh_over_old = cfg.overwrite and lock and not cfg.resume
+    replacing = checkpoint.in_folder(cfg.out_dir) if fresh_over_old else []
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print_header(cfg, mesh, params, opt_state, (train_batches, val_batches), n_params)
 
@@ -490,9 +485,11 @@ def main(argv):
                        "then start every process again, with --resume")
         else:
             raise
+    sys.stdout.flush()
     print(f"train.py: {problem}", file=sys.stderr, flush=True)
-    # with other processes, skip JAX's exit, which would wait for them (and the watchdog's line)
-    (os._exit if cfg.distributed else sys.exit)(1)
+    # Skip Python's exit: its teardown can crash after a signal stopped C++ code mid-way, and
+    # with other processes JAX's would wait for them (and the watchdog's line would follow).
+    os._exit(1)
 
 
 if __name__ == '__main__':
