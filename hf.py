@@ -95,7 +95,11 @@ def read_config(folder):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{folder}/config.json has {k}={v!r}: a GPT-2's sizes are "
                                  "positive whole numbers")
-        return dict(fields, bias=True), config.get('jaxgpt_tokenizer', 'gpt2')
+        tokenizer = config.get('jaxgpt_tokenizer', 'gpt2')
+        if tokenizer not in ('byte', 'gpt2'):
+            raise ValueError(f"{folder}/config.json names jaxgpt_tokenizer={tokenizer!r}: "
+                             "this project has byte and gpt2")
+        return dict(fields, bias=True), tokenizer
     except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError,
             RecursionError) as e:
         raise ValueError(f"--init_from={folder}: no usable config.json ({type(e).__name__}: "
@@ -175,6 +179,6 @@ def export(folder, params, cfg, tokenizer, eot):
                   n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
                   vocab_size=cfg.vocab_size, bos_token_id=eot, eos_token_id=eot,
                   jaxgpt_tokenizer=tokenizer)  # which of data.py's tokenizers it reads
-    write_safetensors(Path(folder) / 'model.safetensors', to_hf(params, cfg))
-    atomic_write(Path(folder) / 'config.json',
+    atomic_write(Path(folder) / 'config.json',  # first: if it cannot be written, nothing is
                  lambda f: f.write(json.dumps(config, indent=2).encode()))
+    write_safetensors(Path(folder) / 'model.safetensors', to_hf(params, cfg))

@@ -19,7 +19,7 @@ def start(distributed, peer_timeout):
     are every process's, and process 0 alone prints."""
     if distributed:
         parts = [] if distributed == 'auto' else distributed.split(',')
-        if len(parts) not in (0, 3) or not all(p.isdigit() for p in parts[1:]):
+        if len(parts) not in (0, 3) or not all(p.isdecimal() for p in parts[1:]):
             raise ValueError(f"--distributed={distributed!r}: write auto, or HOST:PORT,N,I")
         joined = threading.Event()
         threading.Thread(target=watch_peers, args=(peer_timeout, joined), daemon=True).start()

@@ -15,6 +15,7 @@ Needs: model.py (GPTConfig), shard.py (mesh, params), checkpoint.py (reading one
 (GPT-2's weights), data.py (tokenizers), flags.py (the command line).
 """
 import codecs
+import os
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -195,6 +196,8 @@ def load_gpt2(folder, mesh):  # the same, from GPT-2's weights in Hugging Face's
 
 def read_prompt(start):  # --start: the prompt, or FILE:path
     try:
+        if start.startswith('FILE:') and not Path(start[5:]).is_file():
+            raise FileNotFoundError(2, 'not a file')  # a folder, a device such as /dev/zero
         text = Path(start[5:]).read_text() if start.startswith('FILE:') else start
         text.encode('utf-8')  # a str that is not valid Unicode (lone surrogates) fails here
         return text
@@ -225,6 +228,9 @@ def main(argv):
             model_cfg, graphdef, params, specs, meta = load_checkpoint(cfg.out_dir, mesh)
         tokenizer = meta['config']['tokenizer']
         tok = data.get_tokenizer(tokenizer)
+        if model_cfg.vocab_size != tok.vocab_size:
+            raise ValueError(f"the model's vocabulary of {model_cfg.vocab_size} is not the "
+                             f"{tokenizer} tokenizer's {tok.vocab_size}: it cannot be sampled")
         start = read_prompt(cfg.start)
         if cfg.export:
             export(cfg.export, params, model_cfg, tokenizer, tok.eot)
@@ -243,6 +249,9 @@ def main(argv):
         if 'RESOURCE_EXHAUSTED' not in str(e):
             raise
         sys.exit("sample.py: out of device memory: ask for fewer --num_samples")
+    except KeyboardInterrupt:  # Ctrl-C: stop, without Python's teardown mid-way through C++
+        print("\nsample.py: stopped", file=sys.stderr, flush=True)
+        os._exit(130)
 
 
 def stream(cfg, tok, start, generate, params):

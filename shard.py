@@ -35,11 +35,13 @@ def make_mesh(spec, devices=None):
     """'data=4,model=2' -> a 4x2 mesh. '' puts every device on the data axis."""
     devices = jax.devices() if devices is None else devices
     sizes = {'data': 1, 'model': 1} if spec else {'data': len(devices), 'model': 1}
+    seen = []
     for part in filter(None, spec.split(',')):
         name, _, n = part.partition('=')
-        if name not in ('data', 'model') or not n.isdigit() or int(n) < 1:
+        if name not in ('data', 'model') or name in seen or not n.isdecimal() or int(n) < 1:
             raise ValueError(f"--mesh={spec!r}: write it as data=N,model=M with positive integers")
         sizes[name] = int(n)
+        seen.append(name)
     needed = sizes['data'] * sizes['model']
     if needed != len(devices):
         raise ValueError(f"--mesh={spec!r} needs {needed} devices but {len(devices)} are present: "

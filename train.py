@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -46,7 +47,7 @@ from flags import flag
 from model import GPTConfig
 
 CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'jaxgpt')
-POSITIVE = '[1, inf)'
+POSITIVE, COUNT = '[1, 2**24]', '[0, 2**31)'  # sizes that fit memory; steps that fit int32
 
 
 @dataclass
@@ -75,18 +76,18 @@ class Config:
     distributed: str = flag('', "auto (SLURM, TPU pods), or process 0's HOST:PORT,count,this id")
     fsdp: bool = flag(False, "also split weights, float32 masters and Adam's moments over data")
     peer_timeout: int = flag(60, 'seconds to wait for a process that has not joined or answered',
-                             within=POSITIVE)
+                             within='[1, 86400]')
     # optimization
     batch_size: int = flag(32, 'sequences per step, all devices and micro-batches', within=POSITIVE)
     grad_accum: int = flag(1, 'micro-batches per step, scanned in sequence', within=POSITIVE)
-    max_iters: int = flag(600, 'training steps', within='[0, inf)')
-    learning_rate: float = flag(2e-3, 'the peak learning rate, after warmup', within='(0, inf)')
-    min_lr: float = flag(2e-4, 'the cosine decay ends here, at max_iters', within='[0, inf)')
-    warmup_iters: int = flag(50, 'steps of linear warmup', within='[0, inf)')
-    weight_decay: float = flag(0.1, 'AdamW\'s, on matrices only', within='[0, inf)')
+    max_iters: int = flag(600, 'training steps', within=COUNT)
+    learning_rate: float = flag(2e-3, 'the peak learning rate, after warmup', within='(0, 100]')
+    min_lr: float = flag(2e-4, 'the cosine decay ends here, at max_iters', within='[0, 100]')
+    warmup_iters: int = flag(50, 'steps of linear warmup', within=COUNT)
+    weight_decay: float = flag(0.1, 'AdamW\'s, on matrices only', within='[0, 100]')
     beta1: float = flag(0.9, 'Adam\'s decay of the mean gradient', within='[0, 1)')
     beta2: float = flag(0.95, 'Adam\'s decay of the mean squared gradient', within='[0, 1)')
-    grad_clip: float = flag(1.0, 'clip the gradients to this global norm', within='(0, inf)')
+    grad_clip: float = flag(1.0, 'clip the gradients to this global norm', within='(0, 1e6]')
     seed: int = flag(1337, 'seeds the weights, the batches and dropout', within='[0, 2**63)')
     # logging, evaluation, checkpoints
     out_dir: str = flag('out', 'where checkpoints and metrics.jsonl go')
@@ -98,7 +99,7 @@ class Config:
     init_from: str = flag('', "start from a GPT-2 folder (config.json, model.safetensors)")
     eval_only: bool = flag(False, 'print the val loss, perplexity and bits per byte, then exit')
     overwrite: bool = flag(False, "start afresh in an out_dir with checkpoints: they go later")
-    sample_tokens: int = flag(200, 'tokens sampled at the end; 0 for none', within='[0, inf)')
+    sample_tokens: int = flag(200, 'tokens sampled at the end; 0 for none', within=COUNT)
     bench: bool = flag(False, 'time the step (compile, ms, tokens/s, MFU, memory), then exit')
     profile: str = flag('', 'with --bench: a folder to write a jax.profiler trace of 3 steps to')
     preset: str = flag('', 'several flags at once (below); your flags go on top')
@@ -161,6 +162,9 @@ def check_inputs(cfg):
     if has_checkpoints and not (cfg.resume or cfg.overwrite or cfg.bench or cfg.eval_only):
         raise ValueError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue, "
                          "another --out_dir, or --overwrite to delete them")
+    if cfg.resume and cfg.overwrite or cfg.profile and not cfg.bench:
+        raise ValueError("--resume and --overwrite contradict each other, and --profile needs "
+                         "--bench: drop one of them")
     return tok
 
 
@@ -191,7 +195,8 @@ def load_data(cfg, tok):  # -> train and val Batches
     train_tokens, val_tokens = data.load_tokens(cfg.data, cfg.tokenizer, cfg.cache_dir)
     if max(t.max(initial=0) for t in (train_tokens, val_tokens)) >= tok.vocab_size:  # memmapped
         raise ValueError(f"--data={cfg.data} holds token ids beyond the {cfg.tokenizer} "
-                         f"tokenizer's {tok.vocab_size}: pass the --tokenizer it was made with")
+                         f"tokenizer's {tok.vocab_size}: pass the --tokenizer it was made with, or "
+                         "delete a damaged cache folder to tokenize again")
     return (data.Batches(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, 'train'),
             data.Batches(val_tokens, cfg.block_size, cfg.batch_size, cfg.seed, 'val'))
 
@@ -201,8 +206,9 @@ def claim_out_dir(cfg):
     time). -> the lock, or None for processes but 0, --bench and --eval_only (no writes)."""
     if cfg.bench or cfg.eval_only:
         return None
-    if os.path.isdir(os.path.join(cfg.out_dir, 'metrics.jsonl')):
-        raise ValueError(f"{cfg.out_dir}/metrics.jsonl is a folder, where train.py keeps its log: "
+    metrics = os.path.join(cfg.out_dir, 'metrics.jsonl')
+    if os.path.exists(metrics) and not os.path.isfile(metrics):
+        raise ValueError(f"{metrics} is a folder or a device, not the log train.py keeps there: "
                          "move it away")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -216,6 +222,9 @@ def claim_out_dir(cfg):
         raise ValueError(f"{cfg.out_dir}/ is in use by a live run (process "
                          f"{owner or 'of process 0'}): let it finish, stop it, or pass another "
                          "--out_dir")
+    check_inputs(cfg)  # again, now that the folder is ours: a run may have saved there meanwhile
+    for tmp in Path(cfg.out_dir).glob('ckpt_*.tmp') if lock else []:  # a killed save's
+        tmp.unlink()
     return lock
 
 
@@ -396,6 +405,8 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
                   f"{save(params, opt_state, step, cursor, key)}")
             log(step=step, val_loss=val)
             t_log = time.perf_counter()  # evaluation and saving are not training time
+    for sig in (signal.SIGTERM, signal.SIGINT):  # from here on, a signal stops the run at once
+        signal.signal(sig, stop_before_training)
     peak = perf.device_memory('peak_bytes_in_use')
     print(f"trained {step - first_step} steps in {(time.perf_counter() - t_start) / 60:.1f} min"
           + (f"; peak device memory {peak / 2**30:.2f} GiB" if peak else ''))
@@ -459,7 +470,7 @@ def run(cfg):
         closing_sample(cfg, model_cfg, mesh, params, tok, key)
 
 
-def stop_before_training(*_):  # SIGTERM before the loop's own handlers: as Ctrl-C
+def stop_before_training(*_):  # SIGTERM outside the loop's own handlers: as Ctrl-C
     raise KeyboardInterrupt
 
 
@@ -472,7 +483,7 @@ def main(argv):
     except (ValueError, FloatingPointError) as e:  # bad input: one line, nothing overwritten
         problem = str(e)
     except KeyboardInterrupt:
-        problem = "stopped by a signal before training began: nothing was saved"
+        problem = "stopped by a signal outside the loop: every checkpoint saved is whole"
     except OSError as e:  # the outside world: a full disk, a file that cannot be opened
         problem = (f"{e.strerror}: {e.filename}: free some space or fix the path, then run again "
                    "(with --resume to continue)")
