@@ -87,7 +87,7 @@ SHAPES = {'default (4/4/128, T=128, B=32)': (4, 4, 128, 128, 32),  # layers, hea
           'baby GPT (6/6/384, T=256, B=64)': (6, 6, 384, 256, 64)}
 
 
-def workarounds(warmup=2, steps=3):
+def workarounds(warmup=3, steps=4):
     """Each CPU workaround's worth (README: Performance): the step as it is, then with each one
     switched off in turn, model.py's function swapped for the plain one."""
     kept = {'matmul': model.matmul, 'add_bias': model.add_bias, 'gelu': model.gelu}
@@ -113,8 +113,9 @@ def workarounds(warmup=2, steps=3):
     print("| --- |" + " --- |" * len(columns))
     libc = ctypes.CDLL('libc.so.6')
     for name, off in rows.items():
-        for option, glibc_default in ((-4, 65536), (-1, 128 * 1024)):  # M_MMAP_MAX, M_TRIM_...
-            libc.mallopt(option, glibc_default if 'malloc' in off else {-4: 0, -1: -1}[option])
+        # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD: glibc's defaults, or perf.keep_freed_memory's
+        for option, glibc_default, kept_value in ((-8, 0, 1), (-4, 65536, 0), (-1, 128 << 10, -1)):
+            libc.mallopt(option, glibc_default if 'malloc' in off else kept_value)
         for function, default in kept.items():  # the last row puts back the code as it is
             setattr(model, function, off.get(function, default))
         times = []
@@ -149,15 +150,17 @@ for _ in range(n):
 """
 
 
-def nanogpt(path, python=sys.executable, rounds=3, warmup=3, steps=5):
+def nanogpt(path, python=sys.executable, dtype='', rounds=3, warmup=3, steps=5):
     """nanoGPT's PyTorch training step (model.py in the clone at `path`, run by `python`, with
-    torch: float32, dropout 0, its AdamW, clipping at 1.0) against ours at the same shapes,
-    interleaved so both see the same machine: `rounds` times each, `steps` after `warmup`."""
+    torch: float32, dropout 0, its AdamW, clipping at 1.0) against ours at the same shapes (in
+    `dtype`; '': train.py's default here), interleaved so both see the same machine: `rounds`
+    times each, `steps` after `warmup`."""
     print(f"nanoGPT from {path} (run by {python}) against this project; ms/step per round\n")
     print("| shape | nanoGPT | this project | nanoGPT / this project |")
     print("| --- | --- | --- | --- |")
     for name, (L, H, C, T, B) in SHAPES.items():
-        exe, args = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla', unroll=True)
+        exe, args = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla', unroll=True,
+                             dtype=dtype)
         theirs, ours = [], []
         for _ in range(rounds):
             command = [python, '-c', NANOGPT_STEP, path, *map(str, (L, H, C, T, B, warmup + steps))]
@@ -170,7 +173,7 @@ def nanogpt(path, python=sys.executable, rounds=3, warmup=3, steps=5):
               f"{', '.join(f'{t:,.0f}' for t in ours)} | "
               f"{np.median(theirs) / np.median(ours):.2f}x |", flush=True)
         del args, exe
-    print(f"\n{torch_line}; this project computes in {train_dtype()}")
+    print(f"\n{torch_line}; this project computes in {dtype or train_dtype()}")
 
 
 def sampling(out_dir='out', new_tokens=256, eval_batches=20):
@@ -212,7 +215,7 @@ def sampling(out_dir='out', new_tokens=256, eval_batches=20):
 COMMANDS = {'attention': attention, 'sampling': sampling,
             'workarounds': workarounds, 'nanogpt': nanogpt}
 USAGE = (f"usage: python bench.py {{{'|'.join(COMMANDS)}}}  (sampling [OUT_DIR], nanogpt "
-         "NANOGPT_DIR [TORCH_PYTHON])")
+         "NANOGPT_DIR [TORCH_PYTHON [DTYPE]])")
 
 if __name__ == '__main__':
     name, args = (sys.argv[1:2] or [''])[0], sys.argv[2:]

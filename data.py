@@ -25,8 +25,8 @@ import numpy as np
 from checkpoint import atomic_write
 
 
-class DataError(ValueError):
-    """A problem with the user's data, reported as one line."""
+class DataError(ValueError):  # a problem with the user's data, reported as one line
+    pass
 
 
 # --- tokenizers --------------------------------------------------------------------------------
@@ -89,8 +89,7 @@ SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/d
 SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 
 
-def source_files(data, cache_dir):
-    """--data -> (root, files). Raises DataError with the fix when there is nothing to read."""
+def source_files(data, cache_dir):  # --data -> (root, files), or a DataError with the fix
     if data == 'stdlib':  # its .py files, without test suites or installed packages
         root = Path(sysconfig.get_paths()['stdlib'])
         skip = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages'}
@@ -190,8 +189,7 @@ def load_tokens(data, tokenizer, cache_dir):
                         "some space or pass another --cache_dir") from None
 
 
-def read_bin(path):
-    """A train.bin or val.bin of uint16 token ids, memory-mapped."""
+def read_bin(path):  # a train.bin or val.bin of uint16 token ids, memory-mapped
     size = path.stat().st_size
     if size == 0 or size % 2:
         what = 'empty' if size == 0 else f'{size:,} bytes long, an odd length'

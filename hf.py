@@ -2,8 +2,8 @@
 model.safetensors, as transformers saves and loads it. The safetensors format is read and
 written by hand (it is a JSON header and raw arrays), so there is no dependency to add.
 
-Needs: model.py (GPT: the params' shapes), shard.py (put: numpy arrays into the params'
-shardings), checkpoint.py (atomic_write).
+Needs: model.py (GPT: the params' shapes), shard.py (params built and placed on a mesh),
+checkpoint.py (atomic_write).
 """
 import json
 from pathlib import Path
@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from checkpoint import atomic_write
-from model import GPT
-from shard import put
+from model import GPT, GPTConfig
+from shard import check_divisible, init_params, put
 
 # Hugging Face's names for layer i's tensors (h.{i}.NAME) -> ours, in the stacked layers GPT.h.
 # Conv1D weights are (in, out), as ours; only the fused q/k/v is reshaped: (C, 3C) <-> (C, 3, C).
@@ -167,6 +167,18 @@ def load(weights, params):
     state = jax.tree.map(lambda x: x, params)  # a copy to fill in: nested like params
     nnx.replace_by_pure_dict(state, weights)
     return jax.tree.map(put, state, params)
+
+
+def load_model(folder, mesh):
+    """A GPT-2 folder -> (model config, graphdef, params, specs, meta) for sampling, as sample.py's
+    load_checkpoint gives a checkpoint's: float32 weights, placed on `mesh`."""
+    fields, tokenizer = read_config(folder)
+    cfg = GPTConfig(**fields)
+    check_divisible(cfg, mesh.shape['model'])
+    graphdef, params, specs = init_params(cfg, mesh, 0, 'float32')
+    params = load(read_weights(folder, cfg), params)
+    return cfg, graphdef, params, specs, dict(config=dict(tokenizer=tokenizer),
+                                              params_dtype='float32')
 
 
 def export(folder, params, cfg, tokenizer, eot):

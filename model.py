@@ -124,8 +124,7 @@ def gelu(x):
     return jax.nn.gelu(x.astype(f32), approximate=True).astype(x.dtype)
 
 
-def dropout(x, rate, key):
-    """Inverted dropout; key=None (evaluation, sampling) or rate=0 (the default) is the identity."""
+def dropout(x, rate, key):  # inverted dropout; the identity without a key or at rate 0
     if key is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
@@ -175,7 +174,7 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = param(cfg, normal(rngs, (C, C), std), ('model', None))
         self.c_proj_bias = param(cfg, jnp.zeros(C), (None,)) if cfg.bias else None
 
-    def __call__(self, x, pos, cache=None):  # x (B, T, C), pos (T,) the tokens' positions
+    def __call__(self, x, pos, cache=None):  # x (B, T, C), pos (T,): the tokens' positions
         B, T, _ = x.shape
         # Megatron's "f": x is the same on every model shard, the weights are not. Identity here;
         # in the backward pass, a psum over 'model' of x's gradient (JAX derives it).
@@ -245,8 +244,7 @@ class GPT(nnx.Module):
         self.wpe = param(cfg, normal(rngs, (cfg.block_size, cfg.n_embd), 0.02), (None, None))
 
         # n_layer Blocks built at once and stacked: every param gets a leading layer axis (L, ...)
-        # and its layout a leading None. The forward pass scans over that axis: XLA compiles one
-        # block, not L.
+        # and its layout a leading None; the forward pass scans over it (XLA compiles one block)
         @nnx.split_rngs(splits=cfg.n_layer)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
         def make_blocks(rngs):
@@ -256,9 +254,8 @@ class GPT(nnx.Module):
         self.ln_f = LayerNorm(cfg)
 
     def __call__(self, idx, key=None, cache=None, start=0):
-        """idx (B, T) int32 -> logits (B, T, padded_vocab) float32, and the updated cache. cache:
-        None in training; in sampling, every layer's keys and values, (L, B, S, local heads,
-        head_dim) each, and idx holds the tokens at positions start..start+T-1."""
+        """idx (B, T) int32, the tokens at positions start.. -> logits (B, T, padded_vocab)
+        float32, and the cache (sampling: every layer's keys and values, (L, B, S, heads, D))."""
         T, L = idx.shape[1], self.cfg.n_layer
         wte, wpe, ln_f = fsdp_gather((self.wte, self.wpe, self.ln_f))
         pos = start + jnp.arange(T)

@@ -137,8 +137,8 @@ def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_s
               profile='', warmup=3, steps=10):
     """train.py --bench: time `steps` steps after `warmup`; then the step's FLOP/s against the
     device's peak, its memory, and with `profile` (a folder) a jax.profiler trace of 3 more."""
-    times, params, opt_state, cursor = timed_steps(train_step, params, opt_state, next_batch, key,
-                                                   warmup, steps)
+    times, params, opt_state, _ = timed_steps(train_step, params, opt_state, next_batch, key,
+                                              warmup, steps)
     if jax.default_backend() == 'cpu':
         print(describe_cpu())
     print(f"{steps} steps after {warmup} warm-up: median {speed(np.median(times))}; "
@@ -160,9 +160,6 @@ def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_s
               "temporary, the rest params, optimizer state, batch)")
     if profile:
         jax.profiler.start_trace(profile)
-        for _ in range(3):
-            batch, cursor = next_batch(cursor)
-            params, opt_state, loss = train_step(params, opt_state, batch, key)
-        jax.block_until_ready(loss)
+        timed_steps(train_step, params, opt_state, next_batch, key, 0, 3)
         jax.profiler.stop_trace()
         print(f"wrote a profile of 3 steps to {profile}/")

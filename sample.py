@@ -118,8 +118,7 @@ def make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=1.0, top_k=0, to
     (next ids (N,), their logits (N, vocab)) once per new token. With the cache, one pass over the
     prompt fills it, then each step runs the newest token alone; a full cache (block_size) is
     refilled with the newest half of the text, recomputed at its new positions. cached=False
-    reruns the newest block_size tokens for every token, as a model without a cache must: the
-    same tokens, to test and time against."""
+    reruns the newest block_size tokens for every token: the same tokens, to test and time."""
     def local(params, idx, cache, start, last, key, i):  # idx (N, T): tokens at start..start+T-1
         logits, cache = nnx.merge(graphdef, params)(idx, cache=cache, start=start)
         logits = logits[:, last, :cfg.vocab_size]  # (N, vocab) at idx[:, last], padding dropped
@@ -184,16 +183,6 @@ def load_checkpoint(out_dir, mesh):
     return model_cfg, graphdef, params, specs, meta
 
 
-def load_gpt2(folder, mesh):  # the same, from GPT-2's weights in Hugging Face's layout
-    fields, tokenizer = hf.read_config(folder)
-    model_cfg = GPTConfig(**fields)
-    shard.check_divisible(model_cfg, mesh.shape['model'])
-    graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, 'float32')
-    params = hf.load(hf.read_weights(folder, model_cfg), params)
-    meta = dict(config=dict(tokenizer=tokenizer), params_dtype='float32')
-    return model_cfg, graphdef, params, specs, meta
-
-
 def read_prompt(start):  # --start: the prompt, or FILE:path
     try:
         if start.startswith('FILE:') and not Path(start[5:]).is_file():
@@ -223,7 +212,7 @@ def main(argv):
         mesh = shard.make_mesh(cfg.mesh)
         jax.set_mesh(mesh)
         if cfg.init_from:
-            model_cfg, graphdef, params, specs, meta = load_gpt2(cfg.init_from, mesh)
+            model_cfg, graphdef, params, specs, meta = hf.load_model(cfg.init_from, mesh)
         else:
             model_cfg, graphdef, params, specs, meta = load_checkpoint(cfg.out_dir, mesh)
         tokenizer = meta['config']['tokenizer']
@@ -255,9 +244,8 @@ def main(argv):
 
 
 def stream(cfg, tok, start, generate, params):
-    """Print the first sample as it comes, through a UTF-8 decoder that holds back the bytes of a
-    character until it is whole (each token costs the same, however long the text); then the
-    others."""
+    """Print the first sample as it comes, through a UTF-8 decoder that holds back a character's
+    bytes until it is whole (each token costs the same, however long the text); then the rest."""
     prompt = tok.encode(start).tolist() or [tok.eot]
     print(tok.decode(prompt), end='', flush=True)
     utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')

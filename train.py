@@ -293,17 +293,6 @@ def report_eval(cfg, eval_loss, params, batches, tok, mesh):
           f"byte | over {cfg.eval_iters} batches: {n_tokens:,} tokens, {n_bytes:,} bytes of text")
 
 
-def compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, next_batch, key):
-    """The step, compiled ahead of time: compilation is reported once, not hidden in step one."""
-    step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype, cfg.grad_accum,
-                                 cfg.dropout > 0)
-    batch, _ = next_batch(0)  # any batch: only its shape and sharding matter here
-    t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state, batch, key).compile()
-    print(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
-    return compiled
-
-
 def open_metrics(cfg, lock, step, replacing):
     """metrics.jsonl, a JSON object a line: each step's loss, each log step's lr and speed, each
     val loss. A resumed run drops the rows logged after its checkpoint, so each step appears
@@ -453,7 +442,12 @@ def run(cfg):
         report_eval(cfg, eval_loss, params, val_batches, tok, mesh)
         return
     next_batch = feed(train_batches, mesh)
-    train_step = compile_step(cfg, graphdef, specs, mesh, tx, params, opt_state, next_batch, key)
+    # the step, compiled ahead of time: compilation is reported once, not hidden in step one
+    train_step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype, cfg.grad_accum,
+                                       cfg.dropout > 0)
+    t0 = time.perf_counter()
+    train_step = train_step.lower(params, opt_state, next_batch(0)[0], key).compile()
+    print(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
     flops = perf.step_flops(model_cfg, cfg.batch_size, n_params)
     speed = perf.make_speed(cfg.batch_size * cfg.block_size, flops, cfg.dtype, mesh.devices.size)
     if cfg.bench:
