@@ -3,17 +3,13 @@
     python bench.py attention   # temporary memory of the compiled step, xla vs blockwise attention
     python bench.py sampling [OUT_DIR]  # a checkpoint: tokens/s with and without KV cache, int8
     python bench.py workarounds # each CPU workaround switched off in turn, both shapes and dtypes
-    python bench.py nanogpt NANOGPT_DIR [PYTHON_WITH_TORCH]  # nanoGPT's step against ours
+    python bench.py nanogpt NANOGPT_DIR [PYTHON_WITH_TORCH [DTYPE]]  # nanoGPT's step against ours
 
-The tables' figures are of the real training step, `shard.make_train_step` on a one-device 1x1
-mesh as `train.py` builds it (float32 master weights, bf16 compute, AdamW). Memory comes from
-XLA's analysis of the compiled step (`memory_analysis()`: a CPU has no runtime memory
-statistics), so `attention` only compiles and can measure contexts this machine could never run.
-
-Needs: train.py (Config), optim.py (the optimizer), perf.py (timing, the malloc setting),
-sample.py (the sampler), shard.py, model.py, data.py. Writes nothing.
+Each times the training step as `train.py` builds it, on a 1x1 mesh. Memory is XLA's analysis of
+the compiled step (a CPU has no runtime statistics), so `attention` can measure contexts this
+machine could never run. Needs: train.py, optim.py, perf.py, sample.py, shard.py, model.py,
+data.py. Writes nothing.
 """
-import ctypes
 import itertools
 import subprocess
 import sys
@@ -50,8 +46,9 @@ def compiled(B, T, vocab=256, **flags):
     tx = optim.make_optimizer(cfg, params)
     batch = np.zeros((B, T + 1), np.int32)  # (B, T+1) token windows: inputs and shifted targets
     args = (params, jax.jit(tx.init)(params), batch, jax.random.key(0))
-    step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype)
-    return step.lower(*args).compile(), args
+    step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype).lower(*args).compile()
+    perf.keep_freed_memory(step=step)  # as train.py: kept where 4x the step's memory is free
+    return step, args
 
 
 def timed_steps(exe, args, warmup, steps):
@@ -90,32 +87,22 @@ SHAPES = {'default (4/4/128, T=128, B=32)': (4, 4, 128, 128, 32),  # layers, hea
 def workarounds(warmup=3, steps=4):
     """Each CPU workaround's worth (README: Performance): the step as it is, then with each one
     switched off in turn, model.py's function swapped for the plain one."""
-    kept = {'matmul': model.matmul, 'add_bias': model.add_bias, 'gelu': model.gelu}
+    kept = {'matmul': model.matmul, 'add_bias': model.add_bias}
 
     def autodiff_matmul(spec, x, w, out=None):  # the same forward, autodiff's backward
         return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out or x.dtype)
 
-    def bias_in_compute_dtype(y, b):
-        return y if b is None else y + b[...].astype(y.dtype)
-
-    def gelu_in_compute_dtype(x):
-        return jax.nn.gelu(x, approximate=True)
-
     rows = {'all on: the code as it is': {},
             'matmul backward left to autodiff': {'matmul': autodiff_matmul},
-            'bias add in the compute dtype': {'add_bias': bias_in_compute_dtype},
-            'GELU in the compute dtype': {'gelu': gelu_in_compute_dtype},
-            "malloc as glibc leaves it": {'malloc': True}, 'layers scanned': {'unroll': False}}
+            'bias add in the compute dtype': {
+                'add_bias': lambda y, b: y if b is None else y + b[...].astype(y.dtype)},
+            'malloc as glibc leaves it': {'malloc': True}, 'layers scanned': {'unroll': False}}
     columns = [(dtype, shape) for dtype in ('float32', 'bfloat16') for shape in SHAPES]
     print(f"ms/step, median of {steps} after {warmup} warm-up; float32 masters, xla attention, "
           "vocab 256\n")
     print("| switched off | " + " | ".join(f"{d}, {s.split(' (')[0]}" for d, s in columns) + " |")
     print("| --- |" + " --- |" * len(columns))
-    libc = ctypes.CDLL('libc.so.6')
     for name, off in rows.items():
-        # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD: glibc's defaults, or perf.keep_freed_memory's
-        for option, glibc_default, kept_value in ((-8, 0, 1), (-4, 65536, 0), (-1, 128 << 10, -1)):
-            libc.mallopt(option, glibc_default if 'malloc' in off else kept_value)
         for function, default in kept.items():  # the last row puts back the code as it is
             setattr(model, function, off.get(function, default))
         times = []
@@ -123,6 +110,8 @@ def workarounds(warmup=3, steps=4):
             L, H, C, T, B = SHAPES[shape]
             exe, args = compiled(B, T, n_layer=L, n_head=H, n_embd=C, attention='xla',
                                  unroll=off.get('unroll', True), dtype=dtype)
+            if 'malloc' in off:
+                perf.keep_freed_memory(False)
             times.append(f"{np.median(timed_steps(exe, args, warmup, steps)[0]):,.0f}")
             del args, exe
         print(f"| {name} | " + " | ".join(times) + " |", flush=True)

@@ -34,8 +34,6 @@ def rule(field):  # what --help and the error messages say a flag may be
     choices, within = field.metadata['choices'], field.metadata['within']
     if choices:
         return 'one of ' + ', '.join(repr(c) if c == '' else c for c in choices)
-    if within.endswith(', inf)'):  # '[1, inf)' -> 'at least 1', '(0, inf)' -> 'above 0'
-        return ('at least ' if within[0] == '[' else 'above ') + within[1:].split(',')[0]
     return f"in {within}" if within else ''
 
 

@@ -182,8 +182,8 @@ def load_model(folder, mesh):
 
 
 def export(folder, params, cfg, tokenizer, eot):
-    """Write params as GPT-2 in Hugging Face's layout: transformers' GPT2LMHeadModel loads it.
-    eot: the tokenizer's <|endoftext|> id."""
+    """sample.py --export: params as GPT-2 in Hugging Face's layout, which transformers'
+    GPT2LMHeadModel loads. eot: the tokenizer's <|endoftext|> id."""
     if not cfg.bias:
         raise ValueError("GPT-2's layout has biases, and this model has none: export a model "
                          "trained with --bias=True")
@@ -191,6 +191,12 @@ def export(folder, params, cfg, tokenizer, eot):
                   n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
                   vocab_size=cfg.vocab_size, bos_token_id=eot, eos_token_id=eot,
                   jaxgpt_tokenizer=tokenizer)  # which of data.py's tokenizers it reads
-    atomic_write(Path(folder) / 'config.json',  # first: if it cannot be written, nothing is
-                 lambda f: f.write(json.dumps(config, indent=2).encode()))
-    write_safetensors(Path(folder) / 'model.safetensors', to_hf(params, cfg))
+    try:  # config.json first: if it cannot be written, nothing is
+        if Path(folder).is_file():
+            raise NotADirectoryError(20, 'a file, not a folder')
+        atomic_write(Path(folder) / 'config.json',
+                     lambda f: f.write(json.dumps(config, indent=2).encode()))
+        write_safetensors(Path(folder) / 'model.safetensors', to_hf(params, cfg))
+    except OSError as e:
+        raise ValueError(f"--export={folder} cannot be written ({e.strerror}): choose another "
+                         "folder") from None

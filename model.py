@@ -74,7 +74,7 @@ def fsdp_gather(tree):
     return jax.tree.map(gather, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-# --- numerics: how matmuls, bias adds and GELU compute (backend details, measured by `python
+# --- numerics: how matmuls and bias adds compute (backend details, measured by `python
 # bench.py workarounds`; none changes what the model computes) -------------------------------------
 def matmul(spec, x, w, out=None):
     """jnp.einsum(spec, x, w), accumulated in float32, returned as `out` (x's dtype by default).
@@ -116,12 +116,6 @@ def add_bias(y, bias):
     gradient is a sum over every token, which XLA:CPU does ten times slower in bf16 (it sums in
     windows, for precision)."""
     return y if bias is None else (y.astype(f32) + bias[...]).astype(y.dtype)
-
-
-def gelu(x):
-    """GPT-2's GELU, the tanh approximation, computed in float32 whatever x's dtype (bf16 would
-    round every intermediate): on a CPU the fastest of the ways measured (README: Performance)."""
-    return jax.nn.gelu(x.astype(f32), approximate=True).astype(x.dtype)
 
 
 def dropout(x, rate, key):  # inverted dropout; the identity without a key or at rate 0
@@ -211,7 +205,7 @@ class MLP(nnx.Module):
     def __call__(self, x):  # (B, T, C); "f" and "g" as in attention
         x = jax.lax.pcast(x, 'model', to='varying')
         h = add_bias(matmul('btc,cd->btd', x, self.c_fc[...]), self.c_fc_bias)
-        h = gelu(h)  # (B, T, 4C / model)
+        h = jax.nn.gelu(h, approximate=True)  # (B, T, 4C / model): GPT-2's tanh GELU
         y = jax.lax.psum(matmul('btc,cd->btd', h, self.c_proj[...]), 'model')
         return add_bias(y, self.c_proj_bias)
 

@@ -34,8 +34,18 @@ def cpuinfo(path, *fields):  # the values of these fields in Linux's /proc/cpuin
     return [line.split(':', 1)[1].strip() for line in lines if line.startswith(fields)]
 
 
-def cpu_features(path='/proc/cpuinfo'):  # the CPU's flags: 'flags' on x86, 'Features' on arm64
-    return {flag for value in cpuinfo(path, 'flags', 'Features') for flag in value.split()}
+def isa_cap():  # XLA_FLAGS' --xla_cpu_max_isa (AVX2, ...): what XLA:CPU may emit at most
+    caps = [f.split('=')[1] for f in os.environ.get('XLA_FLAGS', '').split() if 'max_isa=' in f]
+    return caps[-1] if caps else 'none'
+
+
+def cpu_features(path='/proc/cpuinfo', capped=True):
+    """The CPU's flags ('flags' on x86, 'Features' on arm64), less AVX-512's and AMX's where
+    XLA_FLAGS caps XLA:CPU at AVX2 or below (capped): then it is treated as that kind of CPU."""
+    features = {flag for value in cpuinfo(path, 'flags', 'Features') for flag in value.split()}
+    if capped and isa_cap() in ('SSE4_2', 'AVX', 'AVX2'):
+        features = {flag for flag in features if not flag.startswith(('avx512', 'amx'))}
+    return features
 
 
 def default_dtype(backend, features):
@@ -51,27 +61,39 @@ def default_dtype(backend, features):
 
 def describe_cpu():
     """One line: the CPU, its widest vector instructions, native bf16, XLA_FLAGS' cap on XLA:CPU."""
-    features = cpu_features()
+    features = cpu_features(capped=False)
     name = (cpuinfo('/proc/cpuinfo', 'model name') or [platform.machine()])[0]
-    isa = next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('asimd', 'NEON'))
+    family_model = cpuinfo('/proc/cpuinfo', 'cpu family', 'model\t')[:2]  # Zen 4: 25, 17
+    if len(family_model) == 2:
+        name += ' (family {}, model {})'.format(*family_model)
+    isa = next((isa for flag, isa in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('asimd', 'NEON'))
                 if flag in features), 'no AVX2')
-    cap = [flag for flag in os.environ.get('XLA_FLAGS', '').split() if 'max_isa' in flag]
     return (f"cpu: {name}, {os.cpu_count()} cores, {isa}; native bf16: "
             f"{', '.join(sorted(NATIVE_BF16 & features)) or 'none'}; XLA:CPU cap: "
-            f"{cap[0].split('=')[1] if cap else 'none'}")
+            f"{isa_cap()}")
 
 
-def keep_freed_memory():
+def keep_freed_memory(keep=True, step=None):
     """XLA:CPU allocates each step's temporaries afresh (5 GB for the baby GPT), and glibc hands
     big freed blocks back to the kernel: a page fault per 4 KB touched, a third of the step on 2
     cores (README: Performance). Asked to keep them (M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD
-    never), the next step reuses them. Call it before jax starts; other C libraries (macOS, musl)
-    are left as they are."""
+    never), the next step reuses them; call it before jax starts its threads. But the kept heap
+    fragments, and was measured at up to 4x the step's own memory: given the compiled `step`,
+    glibc's defaults come back (keep=False) where that would not fit in free memory. Other C
+    libraries (macOS, musl) are left as they are. -> whether freed memory is kept."""
     try:
-        for option, value in ((-8, 1), (-4, 0), (-1, -1)):
-            ctypes.CDLL('libc.so.6').mallopt(option, value)
+        libc = ctypes.CDLL('libc.so.6')  # glibc's, or an OSError
+        if step is not None and jax.default_backend() == 'cpu':
+            m = step.memory_analysis()
+            free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+            keep = 4 * (m.temp_size_in_bytes + m.argument_size_in_bytes) < free
+            if not keep:
+                print("malloc as glibc has it: 4x this step's memory is more than is free")
+        for option, kept, glibc_default in ((-8, 1, 0), (-4, 0, 65536), (-1, -1, 128 << 10)):
+            libc.mallopt(option, kept if keep else glibc_default)
     except (OSError, AttributeError):
-        pass
+        return False
+    return keep
 
 
 def step_flops(cfg, batch_size, n_params):

@@ -196,16 +196,6 @@ def read_prompt(start):  # --start: the prompt, or FILE:path
                          "file") from None
 
 
-def export(folder, params, model_cfg, tokenizer, eot):  # --export, in one line if it cannot
-    try:
-        if Path(folder).is_file():
-            raise NotADirectoryError(20, 'a file, not a folder')
-        hf.export(folder, params, model_cfg, tokenizer, eot)
-    except OSError as e:
-        raise ValueError(f"--export={folder} cannot be written ({e.strerror}): choose another "
-                         "folder") from None
-
-
 def main(argv):
     cfg = flags.parse('sample.py', argv, SampleConfig())
     try:
@@ -222,7 +212,7 @@ def main(argv):
                              f"{tokenizer} tokenizer's {tok.vocab_size}: it cannot be sampled")
         start = read_prompt(cfg.start)
         if cfg.export:
-            export(cfg.export, params, model_cfg, tokenizer, tok.eot)
+            hf.export(cfg.export, params, model_cfg, tokenizer, tok.eot)
             print(f"wrote {cfg.export}/config.json and model.safetensors (Hugging Face's GPT-2 "
                   "layout)")
             return

@@ -372,7 +372,8 @@ def test_bf16_trains_close_to_float32():
 def test_compute_dtype_fits_the_cpu(tmp_path, capsys):
     """Without --dtype, a CPU computes in bf16 only where it multiplies bf16 natively: the flags
     of an AVX2 Zen 3 give float32, a Zen 4's (avx512_bf16) and an arm64 with bf16 give bf16, as do
-    GPUs; the run says which and why. The CPU's features are injected, not read."""
+    GPUs, and a Zen 4 under XLA_FLAGS' AVX2 cap gives float32; the run says which and why. The
+    CPU's features are injected, not read."""
     zen3 = 'processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n'
     zen4 = zen3.replace('fma', 'fma avx512f avx512_bf16')
     arm64 = 'Features\t: fp asimd bf16\n'
@@ -382,6 +383,10 @@ def test_compute_dtype_fits_the_cpu(tmp_path, capsys):
     assert perf.cpu_features(tmp_path / 'no such file') == set()  # macOS: no /proc/cpuinfo
     assert perf.default_dtype('cpu', set()) == ('float32', 'this CPU has no native bf16')
     assert perf.default_dtype('gpu', set())[0] == 'bfloat16'
+    (tmp_path / 'cpuinfo').write_text(zen4)  # capped at AVX2, a Zen 4 is treated as a Zen 3
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv('XLA_FLAGS', '--xla_cpu_max_isa=AVX2')
+        assert perf.default_dtype('cpu', perf.cpu_features(tmp_path / 'cpuinfo'))[0] == 'float32'
     cfg = tcfg(dtype='', out_dir=str(tmp_path / 'out'))
     train.check_devices(cfg, data.ByteTokenizer())
     rule = perf.default_dtype(jax.default_backend(), perf.cpu_features())
@@ -574,10 +579,10 @@ def test_int8_weights_within_half_a_step(spec):
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--temperature=-1', '--temperature=-1.0 must be at least 0'),
-    ('--top_k=-5', '--top_k=-5 must be at least 0'),
+    ('--temperature=-1', '--temperature=-1.0 must be in [0, inf)'),
+    ('--top_k=-5', '--top_k=-5 must be in [0, inf)'),
     ('--top_p=0', '--top_p=0.0 must be in (0, 1]'),
-    ('--num_samples=0', '--num_samples=0 must be at least 1')])
+    ('--num_samples=0', '--num_samples=0 must be in [1, inf)')])
 def test_bad_sampling_flags(flag, message, tmp_path):
     with pytest.raises(SystemExit) as e:
         sample.main([flag, f'--out_dir={tmp_path}'])

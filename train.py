@@ -448,6 +448,7 @@ def run(cfg):
     t0 = time.perf_counter()
     train_step = train_step.lower(params, opt_state, next_batch(0)[0], key).compile()
     print(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
+    perf.keep_freed_memory(step=train_step)  # on a CPU, where the memory allows
     flops = perf.step_flops(model_cfg, cfg.batch_size, n_params)
     speed = perf.make_speed(cfg.batch_size * cfg.block_size, flops, cfg.dtype, mesh.devices.size)
     if cfg.bench:
