@@ -26,7 +26,7 @@ PEAK_TFLOPS = {'H100 PCIe': dict(bfloat16=756, float32=51), 'H100': dict(bfloat1
 NATIVE_BF16 = {'avx512_bf16', 'amx_bf16', 'bf16'}
 
 
-def cpuinfo(path, *fields):  # the values of these fields in Linux's /proc/cpuinfo (none: macOS)
+def proc_values(path, *fields):  # these fields' values in Linux's /proc/cpuinfo or meminfo
     try:
         lines = open(path).read().splitlines()
     except OSError:
@@ -42,7 +42,7 @@ def isa_cap():  # XLA_FLAGS' --xla_cpu_max_isa (AVX2, ...): what XLA:CPU may emi
 def cpu_features(path='/proc/cpuinfo', capped=True):
     """The CPU's flags ('flags' on x86, 'Features' on arm64), less AVX-512's and AMX's where
     XLA_FLAGS caps XLA:CPU at AVX2 or below (capped): then it is treated as that kind of CPU."""
-    features = {flag for value in cpuinfo(path, 'flags', 'Features') for flag in value.split()}
+    features = {flag for value in proc_values(path, 'flags', 'Features') for flag in value.split()}
     if capped and isa_cap() in ('SSE4_2', 'AVX', 'AVX2'):
         features = {flag for flag in features if not flag.startswith(('avx512', 'amx'))}
     return features
@@ -62,8 +62,8 @@ def default_dtype(backend, features):
 def describe_cpu():
     """One line: the CPU, its widest vector instructions, native bf16, XLA_FLAGS' cap on XLA:CPU."""
     features = cpu_features(capped=False)
-    name = (cpuinfo('/proc/cpuinfo', 'model name') or [platform.machine()])[0]
-    family_model = cpuinfo('/proc/cpuinfo', 'cpu family', 'model\t')[:2]  # Zen 4: 25, 17
+    name = (proc_values('/proc/cpuinfo', 'model name') or [platform.machine()])[0]
+    family_model = proc_values('/proc/cpuinfo', 'cpu family', 'model\t')[:2]  # Zen 4: 25, 17
     if len(family_model) == 2:
         name += ' (family {}, model {})'.format(*family_model)
     isa = next((isa for flag, isa in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('asimd', 'NEON'))
@@ -79,19 +79,19 @@ def keep_freed_memory(keep=True, step=None):
     cores (README: Performance). Asked to keep them (M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD
     never), the next step reuses them; call it before jax starts its threads. But the kept heap
     fragments, and was measured at up to 4x the step's own memory: given the compiled `step`,
-    glibc's defaults come back (keep=False) where that would not fit in free memory. Other C
+    glibc's defaults come back (keep=False) where that would not fit in available memory. Other C
     libraries (macOS, musl) are left as they are. -> whether freed memory is kept."""
     try:
         libc = ctypes.CDLL('libc.so.6')  # glibc's, or an OSError
         if step is not None and jax.default_backend() == 'cpu':
             m = step.memory_analysis()
-            free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-            keep = 4 * (m.temp_size_in_bytes + m.argument_size_in_bytes) < free
+            available = int(proc_values('/proc/meminfo', 'MemAvailable')[0].split()[0]) * 1024
+            keep = 4 * (m.temp_size_in_bytes + m.argument_size_in_bytes) < available
             if not keep:
-                print("malloc as glibc has it: 4x this step's memory is more than is free")
+                print("malloc as glibc has it: 4x this step's memory is more than is available")
         for option, kept, glibc_default in ((-8, 1, 0), (-4, 0, 65536), (-1, -1, 128 << 10)):
             libc.mallopt(option, kept if keep else glibc_default)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, IndexError):
         return False
     return keep
 
