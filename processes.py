@@ -17,8 +17,11 @@ def start(distributed, peer_timeout):
     are every process's, and process 0 alone prints."""
     if distributed:
         parts = [] if distributed == 'auto' else distributed.split(',')
-        if len(parts) not in (0, 3) or not all(p.isdecimal() for p in parts[1:]):
-            raise ValueError(f"--distributed={distributed!r}: write auto, or HOST:PORT,N,I")
+        numbers = [parts[0].rpartition(':')[2], *parts[1:]] if parts else []  # port, N, I
+        numbers_ok = all(n.isdecimal() for n in numbers) and int(numbers[0] if parts else 0) < 2**16
+        if len(parts) not in (0, 3) or not numbers_ok:
+            raise ValueError(f"--distributed={distributed!r}: write auto, or HOST:PORT,N,I (a port "
+                             "below 65536)")
         timer = threading.Timer(peer_timeout, not_all_joined, args=(peer_timeout,))
         timer.daemon = True
         timer.start()

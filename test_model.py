@@ -1168,6 +1168,8 @@ BAD = {  # flags -> what the one-line message must say
     'checkpoint of step -7': (['--out_dir={step_minus_7}', '--resume'], 'no valid step'),
     'checkpoint without a cursor': (['--out_dir={no_cursor}', '--resume'], 'no valid cursor'),
     'metrics.jsonl a folder': (['--out_dir={metrics_folder}', '--resume'], 'is a folder'),
+    'port out of range': (['--out_dir={fresh}', '--distributed=localhost:99999,2,0'],
+                          'a port below 65536'),
 }
 
 
