@@ -37,6 +37,8 @@ SAFETENSORS_DTYPES = {'F32': '<f4', 'F16': '<f2', 'BF16': '<u2'}
 def read_safetensors(path):
     """{name: float32 array} from a .safetensors file of F32, F16 or BF16 tensors."""
     try:
+        if not Path(path).is_file():  # a folder, a FIFO or a device would block or fail later
+            raise ValueError("it is not a regular file")
         with open(path, 'rb') as f:
             n = int.from_bytes(f.read(8), 'little')
             if n > Path(path).stat().st_size - 8:
@@ -92,9 +94,9 @@ def read_config(folder):
         fields = dict(n_layer=config['n_layer'], n_head=config['n_head'], n_embd=config['n_embd'],
                       block_size=config['n_positions'], vocab_size=config['vocab_size'])
         for k, v in fields.items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 2**24:
                 raise ValueError(f"{folder}/config.json has {k}={v!r}: a GPT-2's sizes are "
-                                 "positive whole numbers")
+                                 "whole numbers from 1 to 2**24")
         tokenizer = config.get('jaxgpt_tokenizer', 'gpt2')
         if tokenizer not in ('byte', 'gpt2'):
             raise ValueError(f"{folder}/config.json names jaxgpt_tokenizer={tokenizer!r}: "

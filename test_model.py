@@ -1159,6 +1159,10 @@ BAD = {  # flags -> what the one-line message must say
                                              'holds token ids beyond'),
     'GPT-2 config with no heads': (['--out_dir={fresh}', '--init_from={hf_no_heads}'],
                                    'has n_head=0'),
+    'GPT-2 config of 10**30 positions': (['--out_dir={fresh}', '--init_from={hf_huge_context}'],
+                                         'has block_size=' + str(10**30)),
+    'safetensors a FIFO': (['--out_dir={fresh}', '--init_from={hf_fifo}'],
+                           'not a regular file'),
     'GPT-2 config a JSON list': (['--out_dir={fresh}', '--init_from={hf_list}'],
                                  'no usable config.json'),
     'safetensors header of 2**40': (['--out_dir={fresh}', '--init_from={hf_huge_header}'],
@@ -1189,12 +1193,16 @@ def bad_inputs(tmp_path, trained):
         (tmp_path / name / 'train.bin').write_bytes(bytes(train_bin))
         (tmp_path / name / 'val.bin').write_bytes(ids[:10**4].tobytes())
     byte_gpt2 = dataclasses.replace(HF_CFG, vocab_size=256)
-    for name in ('hf_no_heads', 'hf_list', 'hf_huge_header', 'hf_nan'):
+    for name in ('hf_no_heads', 'hf_list', 'hf_huge_header', 'hf_nan', 'hf_huge_context',
+                 'hf_fifo'):
         t = hf_folder(tmp_path / name, byte_gpt2)
         config = json.loads((tmp_path / name / 'config.json').read_text())
         (tmp_path / name / 'config.json').write_text(json.dumps(
             [config] if name == 'hf_list' else
-            {**config, 'jaxgpt_tokenizer': 'byte', 'n_head': 0 if name == 'hf_no_heads' else 4}))
+            {**config, 'jaxgpt_tokenizer': 'byte', 'n_head': 0 if name == 'hf_no_heads' else 4,
+             'n_positions': 10**30 if name == 'hf_huge_context' else config['n_positions']}))
+    (tmp_path / 'hf_fifo' / 'model.safetensors').unlink()
+    os.mkfifo(tmp_path / 'hf_fifo' / 'model.safetensors')
     raw = (tmp_path / 'hf_huge_header' / 'model.safetensors').read_bytes()
     (tmp_path / 'hf_huge_header' / 'model.safetensors').write_bytes((2**40).to_bytes(8, 'little')
                                                                     + raw[8:])
