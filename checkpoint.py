@@ -62,6 +62,8 @@ def save(path, arrays, meta):
 def read(path):
     """-> (arrays, meta) of a checkpoint, or a ValueError saying it is corrupt."""
     try:
+        if Path(path).exists() and not Path(path).is_file():  # a folder or a FIFO would block
+            raise ValueError('not a regular file')
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         meta = json.loads(arrays.pop('__meta__').tobytes())

@@ -83,6 +83,8 @@ def read_config(folder):
     """config.json -> (the GPTConfig fields it sets, the tokenizer's name), or a ValueError naming
     what this model cannot express."""
     try:
+        if not (Path(folder) / 'config.json').is_file():  # a FIFO would block
+            raise FileNotFoundError('no regular file config.json')
         config = json.loads((Path(folder) / 'config.json').read_text())
         if not isinstance(config, dict):
             raise TypeError('it is not a JSON object')

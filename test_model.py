@@ -1163,6 +1163,7 @@ BAD = {  # flags -> what the one-line message must say
                                          'has block_size=' + str(10**30)),
     'safetensors a FIFO': (['--out_dir={fresh}', '--init_from={hf_fifo}'],
                            'not a regular file'),
+    'checkpoint a FIFO': (['--out_dir={ckpt_fifo}', '--resume'], 'is corrupt or truncated'),
     'GPT-2 config a JSON list': (['--out_dir={fresh}', '--init_from={hf_list}'],
                                  'no usable config.json'),
     'safetensors header of 2**40': (['--out_dir={fresh}', '--init_from={hf_huge_header}'],
@@ -1213,6 +1214,8 @@ def bad_inputs(tmp_path, trained):
                          ('no_cursor', {k: v for k, v in meta.items() if k != 'cursor'})):
         checkpoint.save(tmp_path / name / 'ckpt_0000004.npz', arrays, header)
         (tmp_path / name / 'metrics.jsonl').write_bytes((trained / 'metrics.jsonl').read_bytes())
+    (tmp_path / 'ckpt_fifo').mkdir()
+    os.mkfifo(tmp_path / 'ckpt_fifo' / 'ckpt_0000004.npz')
     (tmp_path / 'metrics_folder' / 'metrics.jsonl').mkdir(parents=True)
     checkpoint.save(tmp_path / 'metrics_folder' / 'ckpt_0000004.npz', arrays, meta)
     names = ['empty', 'tiny', 'short']
