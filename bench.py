@@ -47,7 +47,7 @@ def compiled(B, T, vocab=256, **flags):
     batch = np.zeros((B, T + 1), np.int32)  # (B, T+1) token windows: inputs and shifted targets
     args = (params, jax.jit(tx.init)(params), batch, jax.random.key(0))
     step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype).lower(*args).compile()
-    perf.keep_freed_memory(step=step)  # as train.py: kept where 4x the step's memory is free
+    perf.keep_freed_memory(step=step)  # as train.py: kept where 4x the step's memory is available
     return step, args
 
 
