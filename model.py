@@ -6,7 +6,7 @@ Each weight records its layout as `out_sharding` metadata (a mesh axis or None p
 from which shard.py derives every partition spec: a layout is written once, beside its init.
 Params are built with `eager_sharding=False`: importing this file changes no setting of Flax.
 
-Needs: flash.py (blockwise attention, the memory-efficient kind).
+Needs: attention.py (attention's implementations, RoPE, attention dropout).
 """
 import math
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from flash import blockwise_attention
+from attention import attention, rope
 
 f32 = jnp.float32
 
@@ -29,8 +29,10 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768  # C
-    dropout: float = 0.0
+    dropout: float = 0.0  # of the residual stream's branches and of attention's probabilities
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    window: int = 0  # a query sees its `window` newest positions; 0: all before it (GPT-2)
+    pos: str = 'learned'  # learned: GPT-2's position embedding wpe | rope: rotary, in attention
     # how to compute, not what: none of these changes the function the model computes
     attention: str = 'xla'  # xla: plain softmax | blockwise: flash attention in JAX | cudnn
     remat: str = 'none'  # recompute in the backward pass: none | block | dots (keep matmul outputs)
@@ -125,20 +127,6 @@ def dropout(x, rate, key):  # inverted dropout; the identity without a key or at
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-# --- attention: q (B, Tq, H, D), k and v (B, Tk, H, D) -> (B, Tq, H, D) ---------------------------
-# Causal by positions: a query sees the keys at positions up to its own. In training both are
-# 0..T-1; with a KV cache (sampling) the keys are every slot of the cache.
-def attention(q, k, v, q_pos, k_pos, impl):
-    if impl == 'cudnn':  # NVIDIA's fused flash attention kernel
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
-    if impl == 'blockwise':
-        return blockwise_attention(q, k, v, q_pos, k_pos)
-    # 'xla': the textbook formula, the (B, H, Tq, Tk) scores held in memory
-    s = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=f32) / math.sqrt(q.shape[-1])
-    s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, -jnp.inf)
-    return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1).astype(v.dtype), v)
-
-
 # --- the layers -----------------------------------------------------------------------------------
 class LayerNorm(nnx.Module):
     def __init__(self, cfg: GPTConfig):
@@ -158,7 +146,7 @@ class CausalSelfAttention(nnx.Module):
 
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         C = cfg.n_embd
-        self.head_dim, self.impl = C // cfg.n_head, cfg.attention
+        self.head_dim, self.cfg = C // cfg.n_head, cfg
         # The fused q/k/v kernel is (C, 3, C): GPT-2's (C, 3C) reshaped. Splitting its last axis
         # over 'model' hands each device the same whole heads of q, k and v.
         self.c_attn = param(cfg, normal(rngs, (C, 3, C), 0.02), (None, None, 'model'))
@@ -168,23 +156,31 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = param(cfg, normal(rngs, (C, C), std), ('model', None))
         self.c_proj_bias = param(cfg, jnp.zeros(C), (None,)) if cfg.bias else None
 
-    def __call__(self, x, pos, cache=None):  # x (B, T, C), pos (T,): the tokens' positions
-        B, T, _ = x.shape
+    def qkv(self, x, pos):  # x (B, T, C) -> q, k, v (B, T, local heads, head_dim)
         # Megatron's "f": x is the same on every model shard, the weights are not. Identity here;
         # in the backward pass, a psum over 'model' of x's gradient (JAX derives it).
         x = jax.lax.pcast(x, 'model', to='varying')
         qkv = add_bias(matmul('btc,ckd->btkd', x, self.c_attn[...]), self.c_attn_bias)
         # local heads: derived from the shard's width, so the same code runs on any mesh
-        q, k, v = (a.reshape(B, T, -1, self.head_dim) for a in jnp.split(qkv, 3, axis=2))
-        k_pos, impl = pos, self.impl
-        if cache is not None:  # sampling: write this step's keys and values into their slots
-            k_cache, v_cache = cache  # (B, S, local heads, head_dim) each
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos[0], 1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos[0], 1)
-            cache = (k, v)
-            k_pos = jnp.arange(k.shape[1])  # attend to all S slots, masked by position
-            impl = 'xla'  # cuDNN's causal mask assumes query i sits at key i, which is not so here
-        y = attention(q, k, v, pos, k_pos, impl).reshape(B, T, -1)  # (B, T, C / model)
+        q, k, v = (a.reshape(*x.shape[:2], -1, self.head_dim) for a in jnp.split(qkv, 3, axis=2))
+        return (rope(q, pos), rope(k, pos), v) if self.cfg.pos == 'rope' else (q, k, v)
+
+    def __call__(self, x, pos, key=None, cache=None):  # x (B, T, C), pos (T,): their positions
+        q, k, v = self.qkv(x, pos)
+        q_pos, k_pos, impl, H = pos, pos, self.cfg.attention, q.shape[2]
+        drop = None  # attention dropout: (key, rate, each local head's global index)
+        if key is not None and self.cfg.dropout > 0:
+            drop = (key, self.cfg.dropout, jax.lax.axis_index('model') * H + jnp.arange(H))
+        if cache is not None:  # sampling: position p's keys and values go into slot p % S
+            S = cache[0].shape[1]  # (B, S, local heads, head_dim): a ring, if S is the window
+            cache = tuple(c.at[:, pos[-S:] % S].set(a[:, -S:].astype(c.dtype))
+                          for c, a in zip(cache, (k, v)))
+            if x.shape[1] == 1:  # one new token: it attends to the ring (a prefill, to itself)
+                k, v = cache
+                k_pos = pos[0] - (pos[0] - jnp.arange(S)) % S  # slot s's newest; < 0: unwritten
+                impl = 'xla'  # cuDNN's causal mask assumes query i sits at key i
+        y = attention(q, k, v, q_pos, k_pos, impl, self.cfg.window, drop)  # (B, T, H, D)
+        y = y.reshape(*x.shape[:2], -1)  # (B, T, C / model)
         # Megatron's "g": add up every model shard's partial product. The bias goes after the
         # psum so it is added once, not once per device.
         y = jax.lax.psum(matmul('btc,cd->btd', y, self.c_proj[...]), 'model')  # (B, T, C)
@@ -217,8 +213,8 @@ class Block(nnx.Module):
         self.rate = cfg.dropout
 
     def __call__(self, x, pos, key=None, cache=None):  # (B, T, C) -> (B, T, C), pre-LN residual
-        k1, k2 = jax.random.split(key) if key is not None else (None, None)
-        y, cache = self.attn(self.ln_1(x), pos, cache)
+        k1, k2, k3 = jax.random.split(key, 3) if key is not None else (None, None, None)
+        y, cache = self.attn(self.ln_1(x), pos, k3, cache)
         x = x + dropout(y, self.rate, k1)
         return x + dropout(self.mlp(self.ln_2(x)), self.rate, k2), cache
 
@@ -235,7 +231,8 @@ class GPT(nnx.Module):
         # of wte. The padding rows are zeros: the loss never reads their logits, so they stay zero.
         wte = normal(rngs, (cfg.padded_vocab, cfg.n_embd), 0.02)
         self.wte = param(cfg, wte.at[cfg.vocab_size:].set(0), (None, None))
-        self.wpe = param(cfg, normal(rngs, (cfg.block_size, cfg.n_embd), 0.02), (None, None))
+        wpe = normal(rngs, (cfg.block_size, cfg.n_embd), 0.02)
+        self.wpe = param(cfg, wpe, (None, None)) if cfg.pos == 'learned' else None
 
         # n_layer Blocks built at once and stacked: every param gets a leading layer axis (L, ...)
         # and its layout a leading None; the forward pass scans over it (XLA compiles one block)
@@ -253,7 +250,9 @@ class GPT(nnx.Module):
         T, L = idx.shape[1], self.cfg.n_layer
         wte, wpe, ln_f = fsdp_gather((self.wte, self.wpe, self.ln_f))
         pos = start + jnp.arange(T)
-        x = wte[...][idx] + jax.lax.dynamic_slice_in_dim(wpe[...], start, T)  # (B, T, C)
+        x = wte[...][idx]  # (B, T, C)
+        if wpe is not None:
+            x = x + jax.lax.dynamic_slice_in_dim(wpe[...], start, T)
         keys = None  # one dropout key per layer, in training
         if key is not None:
             key, k_emb = jax.random.split(key)

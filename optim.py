@@ -1,5 +1,6 @@
-"""The optimizer: AdamW with nanoGPT's learning-rate schedule, global-norm clipping, and weight
-decay on the matrices only. An optax chain, so that what it does to each update reads in order.
+"""The optimizer: AdamW with nanoGPT's learning-rate schedule, global-norm clipping, weight
+decay on the matrices only, and magnitude pruning (--prune). An optax chain, so that what it does
+to each update reads in order.
 
 Needs: nothing from the other files (cfg: train.py's Config, or anything with its fields).
 """
@@ -30,4 +31,52 @@ def make_optimizer(cfg, params):
                         mask=jax.tree_util.tree_map_with_path(decays, params),
                         # the moments in the params' dtype: float32 gradients would promote them
                         mu_dtype=jax.tree.leaves(params)[0].dtype)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    steps = [optax.clip_by_global_norm(cfg.grad_clip), adamw]
+    if cfg.prune:  # the layers' matmul kernels only: embeddings, biases and LayerNorms stay whole
+        def kernels(path, _):
+            return 'h' in str(path[0]) and str(path[-1]).strip("'[].") in KERNELS
+        steps.append(optax.masked(magnitude_pruning(cfg),
+                                  jax.tree_util.tree_map_with_path(kernels, params)))
+    return optax.chain(*steps)
+
+
+# --- pruning ------------------------------------------------------------------------------------
+KERNELS = ('c_attn', 'c_proj', 'c_fc')  # in attention and the MLP
+
+
+def sparsity(cfg, count):
+    """Zhu and Gupta's (2017) cubic schedule: 0 until warmup ends, then rising, fast at first, to
+    cfg.prune at three quarters of max_iters, and held there."""
+    start = cfg.warmup_iters
+    end = max(0.75 * cfg.max_iters, start + 1)
+    t = jnp.clip((count - start) / (end - start), 0.0, 1.0)
+    return cfg.prune * (1 - (1 - t) ** 3)
+
+
+def magnitude_pruning(cfg):
+    """An optax step, the chain's last: every prune_interval steps each kernel's mask is recomputed
+    from the weights the step would leave, keeping in each layer the weights of largest magnitude
+    and zeroing the smallest sparsity(count) of them; between, the masks hold. A pruned weight
+    gets the update -w, so it is zero after the step, whatever Adam proposed. The masks are the
+    state: a checkpoint keeps them, and they are computed on the whole (global) arrays, so every
+    mesh prunes the same weights."""
+    def init(params):
+        masks = jax.tree.map(lambda w: jnp.ones(w.shape, bool), params)
+        return {'count': jnp.zeros([], jnp.int32), 'masks': masks}
+
+    def remask(w, count):  # w (L, ...): a threshold per layer, the k-th smallest magnitude
+        size = jnp.abs(w.reshape(w.shape[0], -1).astype(jnp.float32))  # (L, n)
+        k = (sparsity(cfg, count) * size.shape[1]).astype(jnp.int32)
+        cut = jnp.sort(size, axis=1)[:, k]  # (L,): the smallest magnitude kept
+        return (size >= cut[:, None]).reshape(w.shape)
+
+    def update(updates, state, params):
+        count = state['count']
+        masks = jax.lax.cond(
+            count % cfg.prune_interval == 0,
+            lambda: jax.tree.map(lambda w, u: remask(w + u, count), params, updates),
+            lambda: state['masks'])
+        updates = jax.tree.map(lambda u, w, m: jnp.where(m, u, -w), updates, params, masks)
+        return updates, {'count': count + 1, 'masks': masks}
+
+    return optax.GradientTransformation(init, update)

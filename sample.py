@@ -117,8 +117,10 @@ def make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=1.0, top_k=0, to
     """-> generate(params, prompt, max_new_tokens, key, num_samples=1, cached=True), which yields
     (next ids (N,), their logits (N, vocab)) once per new token. With the cache, one pass over the
     prompt fills it, then each step runs the newest token alone; a full cache (block_size) is
-    refilled with the newest half of the text, recomputed at its new positions. cached=False
-    reruns the newest block_size tokens for every token: the same tokens, to test and time."""
+    refilled with the newest half of the text, recomputed at its new positions. A sliding window
+    W needs only W slots, a ring; with RoPE (no wpe to run out of) it is never refilled.
+    cached=False reruns the newest block_size tokens for every token: the same tokens, to test
+    and time."""
     def local(params, idx, cache, start, last, key, i):  # idx (N, T): tokens at start..start+T-1
         logits, cache = nnx.merge(graphdef, params)(idx, cache=cache, start=start)
         logits = logits[:, last, :cfg.vocab_size]  # (N, vocab) at idx[:, last], padding dropped
@@ -130,16 +132,18 @@ def make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=1.0, top_k=0, to
                             out_specs=(P(), P(), CACHE))
     step = jax.jit(sharded, donate_argnums=(2,))  # the cache is updated in place
     S = cfg.block_size
+    slots = min(cfg.window or S, S)
+    endless = cfg.window and cfg.pos == 'rope'  # positions may grow past block_size
 
     def generate(params, prompt, max_new_tokens, key, num_samples=1, cached=True):
-        shape = (cfg.n_layer, num_samples, S, cfg.n_head, cfg.n_embd // cfg.n_head)
+        shape = (cfg.n_layer, num_samples, slots, cfg.n_head, cfg.n_embd // cfg.n_head)
         cache = tuple(jnp.zeros(shape, dtype, device=jax.NamedSharding(mesh, CACHE))
                       for _ in 'kv')  # a tuple, as the model returns it: one compilation
         # the newest S tokens of each sample: all that a prefill ever reads
         recent = np.tile(np.asarray(prompt, np.int32), (num_samples, 1))[:, -S:]
-        params, n = shard.cast(params, dtype), 0  # n: tokens in the cache, at positions 0..n-1
+        params, n = shard.cast(params, dtype), 0  # n: tokens seen, at positions 0..n-1
         for i in range(max_new_tokens):
-            if cached and 0 < n < S:  # decode: the newest token alone, at position n
+            if cached and 0 < n and (n < S or endless):  # decode: the newest token, at position n
                 next_ids, logits, cache = step(params, recent[:, -1:], cache, n, 0, key, i)
                 n += 1
             else:  # prefill: the prompt, a full cache's newest half, or (uncached) everything
@@ -148,6 +152,7 @@ def make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=1.0, top_k=0, to
                 else:
                     n = min(recent.shape[1], S // 2 if n == S else S)
                     width = min(S, 1 << (n - 1).bit_length())  # powers of two: few compilations
+                    width = n if width > slots else width  # padding must not wrap round a ring
                 window = np.zeros((num_samples, width), np.int32)  # causal: padding never read
                 window[:, :n] = recent[:, -n:]
                 next_ids, logits, cache = step(params, window, cache, 0, n - 1, key, i)

@@ -34,6 +34,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import attention
 import checkpoint
 import data
 import hf
@@ -265,14 +266,14 @@ def test_blockwise_attention_matches_xla(T):
 
     def loss(impl):  # a random weighting of the outputs, so every gradient entry matters
         return jax.value_and_grad(
-            lambda q, k, v: (model.attention(q, k, v, pos, pos, impl) * w).sum(), (0, 1, 2))
+            lambda q, k, v: (attention.attention(q, k, v, pos, pos, impl) * w).sum(), (0, 1, 2))
     (lx, gx), (lb, gb) = loss('xla')(q, k, v), loss('blockwise')(q, k, v)
     assert abs(lb - lx) <= 2e-5 * abs(lx)
     assert_close(gb, gx, rel=2e-5)
     if jax.default_backend() == 'gpu':  # cuDNN's kernel, in bf16, where there is one
         bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
-        np.testing.assert_allclose(model.attention(*bf, pos, pos, 'cudnn'),
-                                   model.attention(*bf, pos, pos, 'xla'), atol=2e-2)
+        np.testing.assert_allclose(attention.attention(*bf, pos, pos, 'cudnn'),
+                                   attention.attention(*bf, pos, pos, 'xla'), atol=2e-2)
 
 
 def test_blockwise_model_in_shard_map(reference):

@@ -61,8 +61,12 @@ class Config:
     n_layer: int = flag(4, 'transformer blocks', within=POSITIVE)
     n_head: int = flag(4, 'attention heads per block', within=POSITIVE)
     n_embd: int = flag(128, 'the width of the residual stream', within=POSITIVE)
-    dropout: float = flag(0.0, 'the dropout rate, in training', within='[0, 1)')
+    dropout: float = flag(0.0, 'the dropout rate, in training (attention too)', within='[0, 1)')
     bias: bool = flag(True, 'biases in Linear layers and LayerNorms, as GPT-2')
+    window: int = flag(0, 'a sliding window: each query sees this many newest positions; 0: all',
+                       within='[0, 2**24]')
+    pos: str = flag('learned', "positions: GPT-2's learned wpe, or rotary (RoPE, in attention)",
+                    choices=('learned', 'rope'))
     # how to compute it: the defaults are what measured fastest (README: Performance)
     dtype: str = flag('', "the compute dtype; '': bf16 where native, else float32",
                       choices=('bfloat16', 'float32', ''))
@@ -88,6 +92,9 @@ class Config:
     beta1: float = flag(0.9, 'Adam\'s decay of the mean gradient', within='[0, 1)')
     beta2: float = flag(0.95, 'Adam\'s decay of the mean squared gradient', within='[0, 1)')
     grad_clip: float = flag(1.0, 'clip the gradients to this global norm', within='(0, 1e6]')
+    prune: float = flag(0.0, "prune the layers' matmul weights to this sparsity, by magnitude",
+                        within='[0, 1)')
+    prune_interval: int = flag(10, 'steps between recomputing the pruning masks', within=POSITIVE)
     seed: int = flag(1337, 'seeds the weights, the batches and dropout', within='[0, 2**63)')
     # logging, evaluation, checkpoints
     out_dir: str = flag('out', 'where checkpoints and metrics.jsonl go')
@@ -155,6 +162,9 @@ def check_inputs(cfg):
         raise ValueError(f"{cfg.init_from} has a vocabulary of {vocab_size}, the "
                          f"{cfg.tokenizer} tokenizer {tok.vocab_size}")
     shard.check_divisible(cfg)
+    if cfg.pos == 'rope' and (cfg.n_embd // cfg.n_head % 2 or cfg.init_from):
+        raise ValueError("--pos=rope rotates pairs of dimensions, and needs an even head size "
+                         "(n_embd / n_head) and no --init_from (GPT-2 learned its positions)")
     has_checkpoints = bool(checkpoint.in_folder(cfg.out_dir))
     if cfg.resume and not has_checkpoints:
         raise ValueError(f"--resume: no checkpoint in {cfg.out_dir}/: drop --resume to start a "
@@ -174,10 +184,11 @@ def check_devices(cfg, tok):  # the checks that need the devices, and the defaul
         print(f"{cfg.dtype} compute: {why} (--dtype to choose)")
     if not cfg.attention:
         on_gpu = jax.default_backend() == 'gpu' and cfg.dtype == 'bfloat16'
-        cfg.attention = 'cudnn' if on_gpu else 'xla'
-    if cfg.attention == 'cudnn' and jax.default_backend() != 'gpu':
-        raise ValueError(f"--attention=cudnn needs an NVIDIA GPU, and this machine computes on "
-                         f"{jax.default_backend()}: use --attention=xla or blockwise")
+        cfg.attention = 'cudnn' if on_gpu and not cfg.dropout else 'xla'
+    if cfg.attention == 'cudnn' and (jax.default_backend() != 'gpu' or cfg.dropout):
+        raise ValueError(f"--attention=cudnn needs an NVIDIA GPU (this machine computes on "
+                         f"{jax.default_backend()}) and --dropout=0 (the kernel has no attention "
+                         "dropout): use --attention=xla or blockwise")
     if cfg.unroll is None:
         cfg.unroll = jax.default_backend() == 'cpu'
     mesh = shard.make_mesh(cfg.mesh)
@@ -247,7 +258,7 @@ def resume(cfg, params, opt_state):
 
 def print_header(cfg, mesh, params, opt_state, batches, n_params):
     device = jax.devices()[0]
-    without_wpe = n_params - cfg.block_size * cfg.n_embd
+    without_wpe = n_params - (cfg.block_size * cfg.n_embd if cfg.pos == 'learned' else 0)
     print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {device.platform} device(s) "
           f"({device.device_kind})")
     print(f"model: {n_params / 1e6:.2f}M params ({without_wpe:,} without position embeddings), "
