@@ -391,7 +391,8 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
               f"eta {eta / 60:.1f} min")
         for i, step_loss in enumerate(losses):  # every step's loss, for exact comparisons
             log(step=step - len(losses) + 1 + i, loss=float(step_loss))
-        log(step=step, lr=rate, ms_per_step=seconds * 1000)
+        log(step=step, lr=rate, ms_per_step=seconds * 1000,
+            tokens=step * cfg.batch_size * cfg.block_size)  # tokens seen, for viz.py's plots
         pending, t_log = [], time.perf_counter()
         if stopping:
             path = save(params, opt_state, step, cursor, key)
