@@ -53,9 +53,16 @@ def kept(drop, b, h, q_pos, k_pos):
     key, rate, heads = drop
     k1, k2 = jax.random.key_data(key)
     u32 = partial(jnp.asarray, dtype=jnp.uint32)
-    s1, s2 = threefry2x32_p.bind(*jnp.broadcast_arrays(k1, k2, u32(b), u32(heads[h])))
-    bits, _ = threefry2x32_p.bind(*jnp.broadcast_arrays(s1, s2, u32(q_pos), u32(k_pos)))
-    return bits >= u32(rate * 2**32)
+    s1, s2 = _threefry(k1, k2, u32(b), u32(heads[h]))
+    bits, _ = _threefry(s1, s2, u32(q_pos), u32(k_pos))
+    return bits >= u32(rate * 2.0**32)
+
+
+def _threefry(*words):  # (key, key, count, count) uint32, broadcast -> two words of hash
+    # all of one shape and one type: a key that varies over 'data' and heads that vary over
+    # 'model' would give the hash's inner loop a carry of two types
+    zero = (words[0] ^ words[1] ^ words[2] ^ words[3]) & 0
+    return threefry2x32_p.bind(*(w ^ zero for w in words))
 
 
 def probabilities(q, k, q_pos, k_pos, window=0):

@@ -1,6 +1,7 @@
 """Benchmarks that back the README's figures; each subcommand prints the machine and one table.
 
     python bench.py attention   # temporary memory of the compiled step, xla vs blockwise attention
+    python bench.py windows     # blockwise attention with a sliding window: its time and memory
     python bench.py sampling [OUT_DIR]  # a checkpoint: tokens/s with and without KV cache, int8
     python bench.py workarounds # each CPU workaround switched off in turn, both shapes and dtypes
     python bench.py nanogpt NANOGPT_DIR [PYTHON_WITH_TORCH [DTYPE]]  # nanoGPT's step against ours
@@ -78,6 +79,39 @@ def attention():
         args = m['xla'].argument_size_in_bytes / MiB
         print(f"| {T} | {remat} | {'unrolled' if unroll else 'scanned'} | {x:,.0f} | "
               f"{b:,.0f} | {x / b:.1f}x | {args:,.0f} |", flush=True)
+
+
+def windows(steps=3):
+    """A sliding window's point: with blockwise attention, the key blocks no query of a block can
+    see are skipped. GPT-2 124M's shape at B=1: one layer's attention, forward and backward, timed
+    (the median of `steps` after one) and its temporary memory; and the temporary memory of the
+    whole compiled training step (12 layers, scanned, not run)."""
+    dtype = train_dtype()
+    print(f"GPT-2 124M shape (12 layers, 12 heads, 768 wide), B=1, blockwise, {dtype}\n")
+    print("| T | window | one layer's attention, fwd+bwd ms | its temp MiB | full / this | "
+          "training step temp MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for T in (4096, 8192):
+        q, k, v = (jnp.ones((1, T, 12, 64), dtype) for _ in range(3))
+        pos = jnp.arange(T)
+        full_ms = None
+        for window in (0, 1024, 256):
+            def loss(q, k, v):
+                out = model.attention(q, k, v, pos, pos, 'blockwise', window)
+                return out.astype(jnp.float32).sum()
+            exe = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, k, v).compile()
+            times = []
+            for _ in range(steps + 1):
+                t0 = time.perf_counter()
+                jax.block_until_ready(exe(q, k, v))
+                times.append((time.perf_counter() - t0) * 1000)
+            ms = float(np.median(times[1:]))
+            full_ms = full_ms or ms
+            step = compiled(1, T, n_layer=12, n_head=12, n_embd=768, attention='blockwise',
+                            window=window, unroll=False)[0]
+            print(f"| {T} | {window or 'full'} | {ms:,.0f} | "
+                  f"{exe.memory_analysis().temp_size_in_bytes / MiB:,.0f} | {full_ms / ms:.1f}x | "
+                  f"{step.memory_analysis().temp_size_in_bytes / MiB:,.0f} |", flush=True)
 
 
 SHAPES = {'default (4/4/128, T=128, B=32)': (4, 4, 128, 128, 32),  # layers, heads, width, T, B
@@ -187,7 +221,7 @@ def sampling(out_dir='out', new_tokens=256, eval_batches=20):
             params = sample.quantize(params, mesh)
         generate = sample.make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=0)
         batches = [val.get(i * run_cfg['batch_size'])[0] for i in range(eval_batches)]
-        v = np.mean([loss(params, batch) for batch in batches])
+        v = np.mean([loss(params, batch)[0] for batch in batches])
         for cached in (True, False) if weights == 'float32' else (True,):
             def all_tokens():
                 tokens = generate(params, [0], new_tokens, jax.random.key(0), 1, cached)
@@ -201,7 +235,7 @@ def sampling(out_dir='out', new_tokens=256, eval_batches=20):
                   flush=True)
 
 
-COMMANDS = {'attention': attention, 'sampling': sampling,
+COMMANDS = {'attention': attention, 'windows': windows, 'sampling': sampling,
             'workarounds': workarounds, 'nanogpt': nanogpt}
 USAGE = (f"usage: python bench.py {{{'|'.join(COMMANDS)}}}  (sampling [OUT_DIR], nanogpt "
          "NANOGPT_DIR [TORCH_PYTHON [DTYPE]])")

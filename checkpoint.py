@@ -117,6 +117,21 @@ def trim_log(path, step):
                   f"{len(lines) - len(kept)} logged after that checkpoint or not well formed")
 
 
+def open_log(folder, resume, step, replacing):
+    """folder/metrics.jsonl, a JSON object a line: each step's loss, each log step's lr, speed
+    and tokens seen, each val loss. Resuming, the rows logged after its checkpoint's `step` are
+    dropped, so that each step appears once; a run replacing another (--overwrite) logs to .next
+    until its first checkpoint. -> log(**row)."""
+    path = os.path.join(folder, 'metrics.jsonl' + ('.next' if replacing else ''))
+    if resume:
+        trim_log(path, step)
+    metrics = open(path, 'a' if resume else 'w')
+
+    def log(**row):
+        print(json.dumps(row), file=metrics, flush=True)
+    return log
+
+
 def lock(folder):
     """Lock folder/lock for as long as this process lives (the OS drops the lock when the process
     dies, even by kill -9: never stale). -> (the open file, to keep, None), or (None, the pid of

@@ -191,6 +191,9 @@ def export(folder, params, cfg, tokenizer, eot):
     if not cfg.bias:
         raise ValueError("GPT-2's layout has biases, and this model has none: export a model "
                          "trained with --bias=True")
+    if cfg.pos != 'learned' or cfg.window:
+        raise ValueError("GPT-2 has learned positions and full causal attention, and this model "
+                         "has --pos=rope or a --window: transformers would compute another model")
     config = dict(FIXED, architectures=['GPT2LMHeadModel'], n_layer=cfg.n_layer,
                   n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
                   vocab_size=cfg.vocab_size, bos_token_id=eot, eos_token_id=eot,

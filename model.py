@@ -275,8 +275,11 @@ class GPT(nnx.Module):
         logits = matmul('btc,vc->btv', ln_f(x), wte[...], f32)  # the head tied to wte
         return logits, cache
 
-    def loss(self, idx, targets, key=None):  # mean cross-entropy in float32, a scalar
+    def loss(self, idx, targets, key=None, accuracy=False):
+        """The mean cross-entropy in float32, a scalar; with accuracy, also the fraction of
+        tokens whose likeliest next token is the target."""
         logits, _ = self(idx, key)
         logits = logits[..., :self.cfg.vocab_size]  # (B, T, vocab): the padding dropped
         true = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, T)
-        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - true)
+        loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - true)
+        return (loss, jnp.mean(logits.argmax(-1) == targets)) if accuracy else loss

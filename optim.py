@@ -7,6 +7,7 @@ Needs: nothing from the other files (cfg: train.py's Config, or anything with it
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 
 def lr_schedule(cfg):
@@ -33,8 +34,9 @@ def make_optimizer(cfg, params):
                         mu_dtype=jax.tree.leaves(params)[0].dtype)
     steps = [optax.clip_by_global_norm(cfg.grad_clip), adamw]
     if cfg.prune:  # the layers' matmul kernels only: embeddings, biases and LayerNorms stay whole
-        def kernels(path, _):
-            return 'h' in str(path[0]) and str(path[-1]).strip("'[].") in KERNELS
+        def kernels(path, _):  # ['h']['mlp']['c_fc'].value, say
+            name = jax.tree_util.keystr(path)
+            return name.startswith("['h']") and any(f"['{k}']" in name for k in KERNELS)
         steps.append(optax.masked(magnitude_pruning(cfg),
                                   jax.tree_util.tree_map_with_path(kernels, params)))
     return optax.chain(*steps)
@@ -61,14 +63,16 @@ def magnitude_pruning(cfg):
     state: a checkpoint keeps them, and they are computed on the whole (global) arrays, so every
     mesh prunes the same weights."""
     def init(params):
-        masks = jax.tree.map(lambda w: jnp.ones(w.shape, bool), params)
+        masks = jax.tree.map(lambda w: jnp.ones_like(w, bool), params)  # w's sharding
         return {'count': jnp.zeros([], jnp.int32), 'masks': masks}
 
     def remask(w, count):  # w (L, ...): a threshold per layer, the k-th smallest magnitude
-        size = jnp.abs(w.reshape(w.shape[0], -1).astype(jnp.float32))  # (L, n)
+        whole = jax.sharding.reshard(w, P())  # a shard's weights alone would give its own cut
+        size = jnp.abs(whole.reshape(w.shape[0], -1).astype(jnp.float32))  # (L, n)
         k = (sparsity(cfg, count) * size.shape[1]).astype(jnp.int32)
         cut = jnp.sort(size, axis=1)[:, k]  # (L,): the smallest magnitude kept
-        return (size >= cut[:, None]).reshape(w.shape)
+        keep = (size >= cut[:, None]).reshape(w.shape)
+        return jax.sharding.reshard(keep, jax.typeof(w).sharding.spec)  # split as w is
 
     def update(updates, state, params):
         count = state['count']

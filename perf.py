@@ -99,9 +99,11 @@ def keep_freed_memory(keep=True, step=None):
 def step_flops(cfg, batch_size, n_params):
     """Model FLOPs of a training step of the GPTConfig `cfg` (PaLM's appendix B, as nanoGPT): per
     token, 6 per multiplying parameter (forward 2, backward 4; wpe only adds) and 12 L C T for
-    attention's scores and weighted sum, in full though causal attention skips half."""
-    multiplying = n_params - cfg.block_size * cfg.n_embd
-    per_token = 6 * multiplying + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    attention's scores and weighted sum, in full though causal attention skips half (a sliding
+    window: W keys a query, not T)."""
+    multiplying = n_params - (cfg.block_size * cfg.n_embd if cfg.pos == 'learned' else 0)
+    keys = min(cfg.window or cfg.block_size, cfg.block_size)
+    per_token = 6 * multiplying + 12 * cfg.n_layer * cfg.n_embd * keys
     return per_token * batch_size * cfg.block_size
 
 

@@ -157,13 +157,14 @@ def make_train_step(graphdef, specs, mesh, tx, dtype, grad_accum=1, use_dropout=
 
 
 def make_loss(graphdef, specs, mesh, dtype, grad_accum=1):
-    """-> loss(params, batch), the batch's mean loss for evaluation (no dropout), computed a
-    micro-batch at a time."""
+    """-> loss(params, batch) -> (2,): the batch's mean loss and next-token accuracy, for
+    evaluation (no dropout), computed a micro-batch at a time."""
     def local_loss(params, batch):
         micro = batch.reshape(grad_accum, -1, batch.shape[-1])  # (grad_accum, b, T+1)
         model = nnx.merge(graphdef, params)
-        loss = jax.lax.map(lambda b: model.loss(b[:, :-1], b[:, 1:]), micro).mean()
-        return jax.lax.pmean(loss, 'data')  # each shard saw B/data sequences; average them
+        both = jax.lax.map(lambda b: jnp.stack(model.loss(b[:, :-1], b[:, 1:], accuracy=True)),
+                           micro).mean(0)
+        return jax.lax.pmean(both, 'data')  # each shard saw B/data sequences; average them
 
     sharded_loss = jax.shard_map(local_loss, mesh=mesh, in_specs=(specs, P('data')),
                                  out_specs=P())

@@ -284,6 +284,220 @@ def test_blockwise_model_in_shard_map(reference):
     assert_close(grads, reference[1])
 
 
+def dense_attention(q, k, v, window, keep=None, rate=0.0):
+    """Attention as a loop over queries in numpy: each sees the keys from q - window + 1 (or 0)
+    to itself; keep (B, H, T, T), if given, is the dropout mask of a dropout at `rate`."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    out = np.zeros_like(q)
+    for i in range(q.shape[1]):
+        lo = max(0, i - window + 1) if window else 0
+        s = np.einsum('bhd,bkhd->bhk', q[:, i], k[:, lo:i + 1]) / np.sqrt(q.shape[-1])
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        if keep is not None:
+            p = p * keep[:, :, i, lo:i + 1] / (1 - rate)
+        out[:, i] = np.einsum('bhk,bkhd->bhd', p, v[:, lo:i + 1])
+    return out
+
+
+@pytest.mark.parametrize('T, window', [(200, 1), (200, 40), (300, 130), (256, 0)])
+def test_sliding_window_equals_a_dense_masked_softmax(T, window):
+    """xla and blockwise attention with a window both equal the loop above (float32, 1e-5)."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, T, 3, 16)) for i in range(3))
+    pos = jnp.arange(T)
+    expected = dense_attention(q, k, v, window)
+    for impl in ('xla', 'blockwise'):
+        got = attention.attention(q, k, v, pos, pos, impl, window)
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=impl)
+
+
+def scan_lengths(jaxpr):  # the trip counts of every lax.scan in a jaxpr, nested ones too
+    lengths = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'scan':
+            lengths.append(eqn.params['length'])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            lengths += scan_lengths(sub)
+    return lengths
+
+
+def test_blockwise_window_skips_the_blocks_no_query_sees():
+    """At T=2048 (16 blocks of 128), a window of 256 reaches 3 key blocks back from a query's
+    block: the forward and backward scans walk 3 key blocks, not 16, so time grows as T x W."""
+    q, k, v = (jnp.ones((1, 2048, 2, 64)) for _ in range(3))
+    pos = jnp.arange(2048)
+
+    def lengths(window):
+        def loss(q, k, v):
+            return attention.attention(q, k, v, pos, pos, 'blockwise', window).sum()
+        return scan_lengths(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr)
+    assert lengths(256) == [3, 3] and lengths(0) == [16, 16]
+
+
+def test_attention_dropout_blockwise_equals_xla():
+    """With the same key, blockwise drops exactly the probabilities xla drops: outputs and all
+    gradients agree (2e-5), the mask equals an independent draw of the same hash, about the rate
+    is dropped, and sequences and heads draw different masks."""
+    B, T, H, rate = 2, 200, 3, 0.3
+    q, k, v, w = (jax.random.normal(jax.random.key(i), (B, T, H, 16)) for i in range(4))
+    pos = jnp.arange(T)
+    drop = (jax.random.key(7), rate, jnp.arange(H))
+
+    def loss(impl):  # a random weighting of the outputs, so every gradient entry matters
+        return jax.value_and_grad(lambda q, k, v: (attention.attention(
+            q, k, v, pos, pos, impl, 40, drop) * w).sum(), (0, 1, 2))
+    (lx, gx), (lb, gb) = loss('xla')(q, k, v), loss('blockwise')(q, k, v)
+    assert abs(lb - lx) <= 2e-5 * abs(lx)
+    assert_close(gb, gx, rel=2e-5)
+    keep = np.asarray(attention.kept(drop, np.arange(B)[:, None, None, None],
+                                     np.arange(H)[:, None, None], pos[:, None], pos))
+    assert abs(keep.mean() - (1 - rate)) < 0.01
+    assert (keep[0] != keep[1]).mean() > 0.3 and (keep[:, 0] != keep[:, 1]).mean() > 0.3
+    np.testing.assert_allclose(attention.attention(q, k, v, pos, pos, 'xla', 40, drop),
+                               dense_attention(q, k, v, 40, keep, rate), atol=1e-5)
+
+
+def test_attention_dropout_in_the_model_on_any_split_of_heads():
+    """The whole model with dropout 0.1: blockwise gives xla's loss and gradients, and splitting
+    the heads over 'model' (each device draws its heads' masks by their global index) gives one
+    device's."""
+    dropped = dataclasses.replace(CFG, dropout=0.1)
+    loss, grads, _ = grads_on('data=1,model=1', cfg=dropped, dropout=0.1)
+    no_dropout = grads_on('data=1,model=1')[0]
+    assert abs(loss - no_dropout) > 1e-4  # it did drop something
+    for spec, impl in (('data=1,model=1', 'blockwise'), ('data=1,model=4', 'xla'),
+                       ('data=1,model=2', 'blockwise')):
+        other = grads_on(spec, cfg=dataclasses.replace(dropped, attention=impl), dropout=0.1)
+        assert abs(other[0] - loss) <= 1e-5 * abs(loss), (spec, impl)
+        assert_close(other[1], grads)
+
+
+def test_rope_is_a_rotation_that_sees_relative_positions():
+    """rope equals rotating each pair (i, i + D/2) by pos * 10000^(-2i/D), written as 2x2
+    matrices; and q(m) . k(n) after it depends on m - n only."""
+    D = 8
+    x = np.asarray(jax.random.normal(jax.random.key(0), (1, 5, 2, D)))
+    pos = np.arange(5) + 3
+    expected = np.empty_like(x)
+    for t, p in enumerate(pos):
+        for i in range(D // 2):
+            a = p * 10000.0 ** (-2 * i / D)
+            rotation = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+            expected[0, t, :, [i, i + D // 2]] = rotation @ x[0, t, :, [i, i + D // 2]]
+    np.testing.assert_allclose(attention.rope(jnp.asarray(x), jnp.asarray(pos)), expected,
+                               atol=1e-5)
+    q, k = x[:, :1], x[:, 1:2]
+
+    def score(m, n):
+        return float((attention.rope(q, jnp.array([m])) * attention.rope(k, jnp.array([n]))).sum())
+    assert abs(score(7, 3) - score(104, 100)) < 1e-4 and abs(score(7, 3) - score(3, 7)) > 1e-3
+
+
+def prune_cfg(**kw):
+    return tcfg(**{'prune': 0.5, 'prune_interval': 2, 'warmup_iters': 2, 'max_iters': 8, **kw})
+
+
+def test_sparsity_follows_the_cubic_schedule():
+    """0 through warmup, S * (1 - (1 - t)^3) on the way, S from 3/4 of max_iters on."""
+    tc = prune_cfg()
+    at = [float(optim.sparsity(tc, t)) for t in (0, 2, 4, 6, 8)]
+    np.testing.assert_allclose(at, [0, 0, 0.5 * (1 - 0.5 ** 3), 0.5, 0.5], rtol=1e-6)
+
+
+def train_pruned(spec, steps=8, **kw):
+    """-> (mesh, params) after `steps` training steps with --prune=0.5 on mesh `spec`."""
+    mesh = mesh_of(spec)
+    tc = prune_cfg(**kw)
+    cfg = dataclasses.replace(CFG, fsdp=mesh.shape['data'] if tc.fsdp else 1)
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(cfg, mesh, 0, jnp.float32)
+        tx = optim.make_optimizer(tc, params)
+        state = jax.jit(tx.init)(params)
+        step = step_fn(graphdef, specs, mesh, tx, tc)
+        for i in range(steps):
+            params, state, _ = step(params, state, tokens(i), jax.random.key(i))
+    return mesh, params
+
+
+def pruned_params(spec, **kw):  # as numpy
+    return jax.device_get(model.nnx.to_pure_dict(train_pruned(spec, **kw)[1]))
+
+
+def test_pruning_reaches_its_sparsity():
+    """After max_iters, each layer's four matmul kernels are half zeros, and nothing else is."""
+    one = pruned_params('data=1,model=1')
+    for module, name in sample.KERNELS:
+        w = one['h'][module][name]
+        zeros = (w.reshape(w.shape[0], -1) == 0).mean(1)  # per layer
+        assert np.all(zeros >= 0.5) and np.all(zeros < 0.52), (name, zeros)
+    assert (one['wte'] != 0).mean() > 0.9 and (one['h']['attn']['c_attn_bias'] == 0).mean() < 1
+
+
+def pruning_steps(spec, fsdp=False, steps=4):
+    """The params after `steps` optimizer steps with --prune=0.5, all given the same gradients,
+    on mesh `spec`: the masks are computed from the whole arrays, whatever their split."""
+    mesh = mesh_of(spec)
+    tc = prune_cfg(warmup_iters=0, max_iters=4, prune_interval=1)
+    cfg = dataclasses.replace(CFG, fsdp=mesh.shape['data'] if fsdp else 1)
+    with jax.set_mesh(mesh):
+        _, params, _ = shard.init_params(cfg, mesh, 0, jnp.float32)
+        tx = optim.make_optimizer(tc, params)
+        state = jax.jit(tx.init)(params)
+        rng = np.random.default_rng(0)
+        grads = jax.tree.map(lambda p: shard.put(rng.normal(size=p.shape) * 0.01, p), params)
+
+        @jax.jit
+        def update(params, state):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        for _ in range(steps):
+            params, state = update(params, state)
+    return jax.device_get(model.nnx.to_pure_dict(params))
+
+
+def test_pruning_is_the_same_on_every_mesh():
+    """data=2,model=2 and FSDP over 4 prune exactly the weights one device prunes."""
+    one = pruning_steps('data=1,model=1')
+    assert (one['h']['mlp']['c_fc'] == 0).mean() >= 0.5
+    for spec, fsdp in (('data=2,model=2', False), ('data=4,model=1', True)):
+        other = pruning_steps(spec, fsdp)
+        for module, name in sample.KERNELS:
+            np.testing.assert_array_equal(other['h'][module][name] == 0,
+                                          one['h'][module][name] == 0, err_msg=spec)
+        assert_close(other, one, rel=1e-6)
+
+
+def test_int8_keeps_pruned_zeros():
+    """sample.py --quantize=int8 on a pruned model: every pruned weight is still exactly 0."""
+    mesh, params = train_pruned('data=1,model=1')
+    pruned = jax.device_get(model.nnx.to_pure_dict(params))
+    params = sample.quantize(params, mesh)
+    for module, name in sample.KERNELS:
+        w = pruned['h'][module][name]
+        assert (w == 0).mean() >= 0.5
+        assert np.all(np.asarray(params['h'][module][name][...])[w == 0] == 0)
+
+
+def test_evaluation_reports_the_next_token_accuracy():
+    """make_loss's accuracy is the fraction of targets that are the argmax of the logits: on a
+    batch whose even positions are followed by the model's own greedy choice, over half."""
+    mesh = mesh_of('data=2,model=1')
+    batch = tokens(0)
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
+        logits_of = forward(graphdef, specs, mesh)
+        for t in range(0, 16, 2):  # causal: a later change leaves position t's logits as they are
+            logits = np.asarray(logits_of(params, batch[:, :-1]))[..., :CFG.vocab_size]
+            batch[:, t + 1] = logits[:, t].argmax(-1)
+        logits = np.asarray(logits_of(params, batch[:, :-1]))[..., :CFG.vocab_size]
+        loss, accuracy = shard.make_loss(graphdef, specs, mesh, jnp.float32, 2)(params, batch)
+    hits = logits.argmax(-1) == batch[:, 1:]
+    assert hits.mean() >= 0.5 and np.isclose(accuracy, hits.mean())
+    true = np.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(loss, np.mean(np.log(np.exp(logits).sum(-1)) - true), rtol=1e-5)
+
+
 def test_schedule_first_step_learns():
     tc = tcfg(warmup_iters=10, learning_rate=1e-3, max_iters=100, min_lr=1e-4)
     lr = optim.lr_schedule(tc)
@@ -495,14 +709,19 @@ def test_named_download_checks_its_hash(tmp_path, monkeypatch):
 
 # --- sampling -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('spec', ['data=1,model=1', 'data=4,model=2'])
-def test_kv_cache_equals_full_forward(spec):
+WINDOWED = dataclasses.replace(CFG, window=5)  # its sampler keeps a ring of 5 slots
+
+
+@pytest.mark.parametrize('spec, cfg', [('data=1,model=1', CFG), ('data=4,model=2', CFG),
+                                       ('data=1,model=1', WINDOWED), ('data=4,model=2', WINDOWED)])
+def test_kv_cache_equals_full_forward(spec, cfg):
     """Greedy decoding with the cache gives the tokens of greedy decoding without it, and every
-    step's logits equal a full forward pass over the context, for prompts of several lengths."""
+    step's logits equal a full forward pass over the context, for prompts of several lengths; so
+    too with a sliding window, whose cache is a ring of `window` slots."""
     mesh = mesh_of(spec)
     with jax.set_mesh(mesh):
-        graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
-        generate = sample.make_sampler(graphdef, specs, mesh, CFG, 'float32', temperature=0)
+        graphdef, params, specs = shard.init_params(cfg, mesh, 0, jnp.float32)
+        generate = sample.make_sampler(graphdef, specs, mesh, cfg, 'float32', temperature=0)
         for t in (1, 5, 12):
             prompt = tokens(t, (t,)).tolist()
             n = CFG.block_size - t  # up to a full context
@@ -517,14 +736,15 @@ def test_kv_cache_equals_full_forward(spec):
                                        full[t - 1:t - 1 + n], atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_slides_past_the_context():
+@pytest.mark.parametrize('cfg', [CFG, WINDOWED])
+def test_kv_cache_slides_past_the_context(cfg):
     """Past block_size the cache is refilled with the newest half of the text: every token is the
     argmax of a full forward pass over the context that rule gives."""
     mesh = mesh_of('data=1,model=1')
-    S = CFG.block_size
+    S = cfg.block_size
     with jax.set_mesh(mesh):
-        graphdef, params, specs = shard.init_params(CFG, mesh, 0, jnp.float32)
-        generate = sample.make_sampler(graphdef, specs, mesh, CFG, 'float32', temperature=0)
+        graphdef, params, specs = shard.init_params(cfg, mesh, 0, jnp.float32)
+        generate = sample.make_sampler(graphdef, specs, mesh, cfg, 'float32', temperature=0)
         ids = [3, 1, 4]
         context = len(ids)
         logits = forward(graphdef, specs, mesh)  # built once: one compilation for every window
@@ -536,6 +756,23 @@ def test_kv_cache_slides_past_the_context():
             assert nxt[0] == next_logits.argmax()
             ids.append(int(nxt[0]))
             context = context + 1 if context < S else S // 2  # a full cache is refilled with half
+
+
+def test_windowed_rope_cache_runs_past_the_context_without_refill():
+    """A windowed RoPE model has no position table to run out of: its ring of 5 slots runs on
+    past block_size, and every step's logits equal one forward pass over the whole text (48
+    tokens, three contexts), which a window makes exact: no token sees more than the cache."""
+    cfg = dataclasses.replace(WINDOWED, pos='rope')
+    mesh = mesh_of('data=2,model=2')
+    with jax.set_mesh(mesh):
+        graphdef, params, specs = shard.init_params(cfg, mesh, 0, jnp.float32)
+        generate = sample.make_sampler(graphdef, specs, mesh, cfg, 'float32', temperature=0)
+        prompt = [3, 1, 4]
+        steps = list(generate(params, prompt, 3 * cfg.block_size - 3, jax.random.key(0)))
+        ids = np.array([prompt + [int(nxt[0]) for nxt, _ in steps]])
+        full = full_logits(graphdef, specs, mesh, params, ids)[0]
+    np.testing.assert_allclose(np.stack([np.asarray(logits[0]) for _, logits in steps]),
+                               full[2:-1], atol=1e-5, rtol=1e-5)
 
 
 def test_top_k_and_top_p_stay_in_their_set():
@@ -680,6 +917,17 @@ def test_export_then_import_is_bit_exact(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize('change', [dict(pos='rope'), dict(window=8)])
+def test_export_refuses_what_gpt2_lacks(change, tmp_path):
+    cfg = dataclasses.replace(HF_CFG, **change)
+    mesh = mesh_of('data=1,model=1')
+    with jax.set_mesh(mesh):
+        _, params, _ = shard.init_params(cfg, mesh, 0, jnp.float32)
+        with pytest.raises(ValueError, match='GPT-2 has learned positions'):
+            hf.export(tmp_path / 'out', params, cfg, 'gpt2', eot=50256)
+    assert not (tmp_path / 'out').exists()
+
+
 def break_folder(folder, how):
     t = hf.read_safetensors(folder / 'model.safetensors')
     if how == 'missing':
@@ -743,9 +991,10 @@ def losses(out_dir):  # step -> loss, the last logged value of each step
 
 def test_train_then_sample(corpus, tmp_path):
     r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=8', '--eval_interval=4',
-            '--sample_tokens=20')
+            '--sample_tokens=20', f'--memory_profile={tmp_path / "memory.prof"}')
     assert r.returncode == 0, r.stderr
     assert 'val loss' in r.stdout and 'sample:' in r.stdout and 'memory per device' in r.stdout
+    assert (tmp_path / 'memory.prof').read_bytes()[:2] == b'\x1f\x8b'  # pprof: gzipped
     # once, not folded into the first step's time
     assert 'compiled the training step in' in r.stdout
     log = losses(tmp_path)
@@ -770,9 +1019,10 @@ def test_bench_and_profile(corpus, tmp_path):
 
 def test_resume_after_sigkill_is_exact(corpus, tmp_path):
     """Kill -9 at a random step, resume, and every step's loss equals an uninterrupted run's,
-    bit for bit (dropout on, so the step's PRNG keys must line up, as must the data cursor)."""
+    bit for bit (dropout on, attention's too, so the step's PRNG keys must line up, as must the
+    data cursor; and pruning, whose masks the checkpoint keeps)."""
     # steps take ~3 ms: room to kill
-    flags = ['--max_iters=300', '--eval_interval=25', '--dropout=0.1']
+    flags = ['--max_iters=300', '--eval_interval=25', '--dropout=0.1', '--prune=0.5']
     assert cli('train.py', corpus, f'--out_dir={tmp_path / "a"}', *flags).returncode == 0
     p = cli('train.py', corpus, f'--out_dir={tmp_path / "b"}', *flags, wait=False)
     kill_at = np.random.default_rng().integers(30, 100)
@@ -1176,6 +1426,14 @@ BAD = {  # flags -> what the one-line message must say
     'metrics.jsonl a folder': (['--out_dir={metrics_folder}', '--resume'], 'is a folder'),
     'port out of range': (['--out_dir={fresh}', '--distributed=localhost:99999,2,0'],
                           'a port below 65536'),
+    'negative window': (['--out_dir={fresh}', '--window=-1'], '--window=-1 must be in [0, 2**24]'),
+    'unknown positions': (['--out_dir={fresh}', '--pos=alibi'],
+                          "--pos='alibi' is not one of learned, rope"),
+    'RoPE with an odd head size': (['--out_dir={fresh}', '--pos=rope', '--n_embd=36'],
+                                   'needs an even head size'),
+    'pruning everything': (['--out_dir={fresh}', '--prune=1'], '--prune=1.0 must be in [0, 1)'),
+    'no pruning interval': (['--out_dir={fresh}', '--prune=0.5', '--prune_interval=0'],
+                            '--prune_interval=0 must be in [1, 2**24]'),
 }
 
 

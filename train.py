@@ -19,7 +19,6 @@ sample.py (the closing sample), perf.py (speed, --bench), processes.py (--distri
 (the command line).
 """
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -109,6 +108,8 @@ class Config:
     sample_tokens: int = flag(200, 'tokens sampled at the end; 0 for none', within=COUNT)
     bench: bool = flag(False, 'time the step (compile, ms, tokens/s, MFU, memory), then exit')
     profile: str = flag('', 'with --bench: a folder to write a jax.profiler trace of 3 steps to')
+    memory_profile: str = flag('', "after the first step, write the device memory's profile "
+                               "(pprof) to this file")
     preset: str = flag('', 'several flags at once (below); your flags go on top')
 
 
@@ -133,7 +134,7 @@ PRESETS['gpt2-medium'] = dict(PRESETS['gpt2'], n_layer=24, n_head=16, n_embd=102
 HOW = {'cache_dir', 'dtype', 'attention', 'remat', 'unroll', 'mesh', 'fsdp', 'distributed',
        'peer_timeout', 'grad_accum', 'out_dir', 'log_interval', 'eval_interval', 'eval_iters',
        'keep_checkpoints', 'resume', 'overwrite', 'sample_tokens', 'bench', 'profile', 'preset',
-       'eval_only'}
+       'eval_only', 'memory_profile'}
 
 
 def model_config(cfg, vocab_size, fsdp=1):  # the flags that name GPTConfig's fields -> GPTConfig
@@ -287,37 +288,22 @@ def feed(batches, mesh):
 
 
 def mean_val_loss(eval_loss, params, next_val_batch, cfg):  # over eval_iters fixed batches
-    losses = [eval_loss(params, next_val_batch(i * cfg.batch_size)[0])
-              for i in range(cfg.eval_iters)]
-    return float(np.mean(jax.device_get(losses)))
+    both = [eval_loss(params, next_val_batch(i * cfg.batch_size)[0])
+            for i in range(cfg.eval_iters)]
+    return np.mean(jax.device_get(both), 0).tolist()  # [loss, accuracy]
 
 
 def report_eval(cfg, eval_loss, params, batches, tok, mesh):
-    """--eval_only: the val loss, its perplexity, and bits per byte: the loss in bits, spread over
-    the bytes of the text it predicted, which compares a byte model with a BPE one."""
-    loss = mean_val_loss(eval_loss, params, feed(batches, mesh), cfg)
+    """--eval_only: the val loss, its perplexity, bits per byte (the loss in bits, spread over
+    the bytes of the text it predicted, which compares a byte model with a BPE one) and accuracy."""
+    loss, accuracy = mean_val_loss(eval_loss, params, feed(batches, mesh), cfg)
     n_bytes = sum(tok.token_bytes[batches.get(i * cfg.batch_size)[0][:, 1:]].sum()
                   for i in range(cfg.eval_iters))
     n_tokens = cfg.eval_iters * cfg.batch_size * cfg.block_size
     bits_per_byte = loss * n_tokens / n_bytes / np.log(2)
     print(f"val loss {loss:.4f} | perplexity {np.exp(loss):.2f} | {bits_per_byte:.4f} bits per "
-          f"byte | over {cfg.eval_iters} batches: {n_tokens:,} tokens, {n_bytes:,} bytes of text")
-
-
-def open_metrics(cfg, lock, step, replacing):
-    """metrics.jsonl, a JSON object a line: each step's loss, each log step's lr and speed, each
-    val loss. A resumed run drops the rows logged after its checkpoint, so each step appears
-    once; a run replacing another (--overwrite) logs to .next until its first checkpoint."""
-    if lock is None:  # not the process that writes
-        return lambda **row: None
-    path = os.path.join(cfg.out_dir, 'metrics.jsonl' + ('.next' if replacing else ''))
-    if cfg.resume:
-        checkpoint.trim_log(path, step)
-    metrics = open(path, 'a' if cfg.resume else 'w')
-
-    def log(**row):
-        print(json.dumps(row), file=metrics, flush=True)
-    return log
+          f"byte | next-token accuracy {accuracy:.1%} | over {cfg.eval_iters} batches: "
+          f"{n_tokens:,} tokens, {n_bytes:,} bytes of text")
 
 
 def save_checkpoint(cfg, model_cfg, lock, replacing, params, opt_state, step, cursor, key):
@@ -377,6 +363,8 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
                                              jax.random.fold_in(key, step))
         pending.append(loss)  # read back only at log time, so the host never waits on the device
         step += 1
+        if step == first_step + 1 and cfg.memory_profile:  # all the loop keeps is live by now
+            jax.profiler.save_device_memory_profile(cfg.memory_profile)
         at_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
         if not (at_eval or step % cfg.log_interval == 0):
             continue
@@ -400,11 +388,11 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
                   f"--resume --out_dir={cfg.out_dir} (and the same flags)")
             return None
         if at_eval:
-            val = evaluate(params)
+            val, accuracy = evaluate(params)
             check_finite('validation loss', np.array([val]), step, cfg.out_dir)
-            print(f"step {step:5d} | val loss {val:.4f} | saved "
+            print(f"step {step:5d} | val loss {val:.4f} | accuracy {accuracy:.1%} | saved "
                   f"{save(params, opt_state, step, cursor, key)}")
-            log(step=step, val_loss=val)
+            log(step=step, val_loss=val, val_accuracy=accuracy)
             t_log = time.perf_counter()  # evaluation and saving are not training time
     for sig in (signal.SIGTERM, signal.SIGINT):  # from here on, a signal stops the run at once
         signal.signal(sig, stop_before_training)
@@ -470,7 +458,8 @@ def run(cfg):
 
     evaluate = partial(mean_val_loss, eval_loss, next_val_batch=feed(val_batches, mesh), cfg=cfg)
     save = partial(save_checkpoint, cfg, model_cfg, lock, replacing)
-    log = open_metrics(cfg, lock, step, bool(replacing))
+    log = (checkpoint.open_log(cfg.out_dir, cfg.resume, step, bool(replacing)) if lock
+           else lambda **row: None)  # only the process that writes keeps metrics.jsonl
     params = train(cfg, train_step, next_batch, evaluate, save, log, speed,
                    params, opt_state, step, cursor, key)
     if params is not None and cfg.sample_tokens:
