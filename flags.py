@@ -8,6 +8,7 @@ text, and every value checked against its choices or its range before anything r
 Needs: nothing from the other files.
 """
 import dataclasses
+import signal
 import sys
 
 
@@ -43,6 +44,7 @@ def parse(prog, argv, cfg, presets=None):
     presets = presets or {}
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     if '-h' in argv or '--help' in argv:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head`: end quietly, as tools do
         print(f"usage: python {prog} [--name=value ...]   (--flag alone means --flag=True)\n")
         for f in fields.values():
             allowed = rule(f)

@@ -19,9 +19,9 @@ def start(distributed, peer_timeout):
         parts = [] if distributed == 'auto' else distributed.split(',')
         numbers = [parts[0].rpartition(':')[2], *parts[1:]] if parts else []  # port, N, I
         numbers_ok = all(n.isdecimal() for n in numbers) and int(numbers[0] if parts else 0) < 2**16
-        if len(parts) not in (0, 3) or not numbers_ok:
+        if len(parts) not in (0, 3) or not numbers_ok or parts and int(parts[2]) >= int(parts[1]):
             raise ValueError(f"--distributed={distributed!r}: write auto, or HOST:PORT,N,I (a port "
-                             "below 65536)")
+                             "below 65536, this process's id I below the count N)")
         timer = threading.Timer(peer_timeout, not_all_joined, args=(peer_timeout,))
         timer.daemon = True
         timer.start()

@@ -204,8 +204,9 @@ def place(arrays, template):
     def place_one(path, like):
         key = jax.tree_util.keystr(path)
         a = arrays.get(key)
-        if a is None or a.shape != like.shape:
-            raise ValueError(f"the checkpoint's {key} has shape {None if a is None else a.shape}, "
-                             f"the model's {like.shape}: pass the model flags it was trained with")
+        if a is None or (a.shape, a.dtype) != (like.shape, like.dtype):  # never cast silently
+            held = 'missing' if a is None else f"{a.dtype}{list(a.shape)}"
+            raise ValueError(f"the checkpoint's {key} is {held}, the model's {like.dtype}"
+                             f"{list(like.shape)}: pass the model flags it was trained with")
         return put(a, like)
     return jax.tree_util.tree_map_with_path(place_one, template)

@@ -1434,6 +1434,15 @@ BAD = {  # flags -> what the one-line message must say
     'pruning everything': (['--out_dir={fresh}', '--prune=1'], '--prune=1.0 must be in [0, 1)'),
     'no pruning interval': (['--out_dir={fresh}', '--prune=0.5', '--prune_interval=0'],
                             '--prune_interval=0 must be in [1, 2**24]'),
+    'process id beyond the count': (['--out_dir={fresh}', '--distributed=localhost:1234,2,5'],
+                                    'id I below the count N'),
+    'profile without bench': (['--out_dir={fresh}', '--profile={fresh}/trace'],
+                              '--profile traces --bench'),
+    'checkpoint of another dtype': (['--out_dir={float64_wte}', '--resume', '--max_iters=4'],
+                                    "['params']['wte'].value is float64[256, 32]"),
+    'checkpoint config lacking a flag': (['--out_dir={no_learning_rate}', '--resume',
+                                          '--learning_rate=0.001'],
+                                         '--learning_rate=0.002'),
 }
 
 
@@ -1469,9 +1478,14 @@ def bad_inputs(tmp_path, trained):
     hf.write_safetensors(tmp_path / 'hf_nan' / 'model.safetensors',
                          {**t, 'h.0.mlp.c_fc.bias': t['h.0.mlp.c_fc.bias'] * np.nan})
     arrays, meta = checkpoint.read(trained / 'ckpt_0000004.npz')
-    for name, header in (('step_minus_7', {**meta, 'step': -7}),
-                         ('no_cursor', {k: v for k, v in meta.items() if k != 'cursor'})):
-        checkpoint.save(tmp_path / name / 'ckpt_0000004.npz', arrays, header)
+    config = {k: v for k, v in meta['config'].items() if k != 'learning_rate'}
+    wte = "['params']['wte'].value"
+    for name, header, held in (
+            ('step_minus_7', {**meta, 'step': -7}, arrays),
+            ('no_cursor', {k: v for k, v in meta.items() if k != 'cursor'}, arrays),
+            ('float64_wte', meta, {**arrays, wte: arrays[wte].astype(np.float64)}),
+            ('no_learning_rate', {**meta, 'config': config}, arrays)):
+        checkpoint.save(tmp_path / name / 'ckpt_0000004.npz', held, header)
         (tmp_path / name / 'metrics.jsonl').write_bytes((trained / 'metrics.jsonl').read_bytes())
     (tmp_path / 'ckpt_fifo').mkdir()
     os.mkfifo(tmp_path / 'ckpt_fifo' / 'ckpt_0000004.npz')

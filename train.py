@@ -173,9 +173,10 @@ def check_inputs(cfg):
     if has_checkpoints and not (cfg.resume or cfg.overwrite or cfg.bench or cfg.eval_only):
         raise ValueError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue, "
                          "another --out_dir, or --overwrite to delete them")
-    if cfg.resume and cfg.overwrite or cfg.profile and not cfg.bench:
-        raise ValueError("--resume and --overwrite contradict each other, and --profile needs "
-                         "--bench: drop one of them")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: drop one of them")
+    if cfg.profile and not cfg.bench:
+        raise ValueError("--profile traces --bench's steps: add --bench, or drop --profile")
     return tok
 
 
@@ -245,7 +246,9 @@ def resume(cfg, params, opt_state):
     path = checkpoint.in_folder(cfg.out_dir)[-1]
     arrays, meta = checkpoint.read(path)
     checkpoint.check_meta(meta, path)
-    changed = {k: v for k, v in meta['config'].items()
+    # a flag the checkpoint lacks (an older version's, or a damaged header) had its default
+    saved = {f.name: f.default for f in dataclasses.fields(Config)} | meta['config']
+    changed = {k: v for k, v in saved.items()
                if k not in HOW and k in vars(cfg) and v != getattr(cfg, k)}
     if changed:
         flags_given = ', '.join(f"--{k}={v}" for k, v in changed.items())
