@@ -136,13 +136,17 @@ def lock(folder):
     """Lock folder/lock for as long as this process lives (the OS drops the lock when the process
     dies, even by kill -9: never stale). -> (the open file, to keep, None), or (None, the pid of
     the process that holds it)."""
-    f = open(Path(folder) / 'lock', 'a+')
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        return None, f.read().strip() or '?'
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
+        f = open(Path(folder) / 'lock', 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return None, f.read().strip() or '?'
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+    except OSError as e:  # a lock that is a link to a device, a folder, on a full disk
+        raise ValueError(f"{folder}/lock cannot be used as a lock ({e.strerror}): delete it (a "
+                         "lock no live run holds is safe to delete) or pass another --out_dir")
     return f, None

@@ -106,7 +106,8 @@ def source_files(data, cache_dir):  # --data -> (root, files), or a DataError wi
         return path, sorted(p for p in path.rglob('*') if p.is_file() and not hidden(p))
     files = sorted(Path(p) for p in glob.glob(data, recursive=True) if Path(p).is_file())
     if not files:
-        raise DataError(f"--data={data!r}: no such file, folder or glob match: check the path")
+        raise DataError(f"--data={data!r}: no regular file, folder or glob match of that name: "
+                        "check the path")
     return Path(os.path.commonpath([p.parent for p in files])), files
 
 
@@ -185,7 +186,7 @@ def load_tokens(data, tokenizer, cache_dir):
             print(f"tokenized {len(files)} files of {data} into {folder}")
         return [read_bin(folder / f'{split}.bin') for split in ('train', 'val')]
     except OSError as e:
-        raise DataError(f"--cache_dir={cache_dir} cannot hold the tokens ({e.strerror}): free "
+        raise DataError(f"--cache_dir={cache_dir} cannot hold the tokens ({e.strerror or e}): free "
                         "some space or pass another --cache_dir") from None
 
 

@@ -1358,7 +1358,7 @@ def trained(corpus, tmp_path_factory):
 
 BAD = {  # flags -> what the one-line message must say
     'missing data': (['--out_dir={fresh}', '--data=/no/such/file.txt'],
-                     'no such file, folder or glob'),
+                     'no regular file, folder or glob match'),
     'empty data': (['--out_dir={fresh}', '--data={empty}'], 'the dataset is empty'),
     'data shorter than a batch': (['--out_dir={fresh}', '--data={tiny}'], 'fewer than one batch'),
     'val split too small': (['--out_dir={fresh}', '--data={short}', '--batch_size=4'],
