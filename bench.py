@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import data
+import int8
 import model
 import optim
 import perf
@@ -200,7 +201,7 @@ def nanogpt(path, python=sys.executable, dtype='', rounds=3, warmup=3, steps=5):
 
 
 def sampling(out_dir='out', new_tokens=256, eval_batches=20):
-    """The KV cache, and int8 weights (sample.quantize), on one checkpoint (train.py's default
+    """The KV cache, and int8 weights (int8.quantize), on one checkpoint (train.py's default
     run): sample.py's sampler's tokens/s, the weights' MiB and the validation loss."""
     mesh = shard.make_mesh('data=1,model=1', jax.devices()[:1])
     jax.set_mesh(mesh)
@@ -218,7 +219,7 @@ def sampling(out_dir='out', new_tokens=256, eval_batches=20):
     print("| --- | --- | --- | --- | --- |")
     for weights in ('float32', 'int8'):
         if weights == 'int8':
-            params = sample.quantize(params, mesh)
+            params = int8.quantize(params, mesh)
         generate = sample.make_sampler(graphdef, specs, mesh, cfg, dtype, temperature=0)
         batches = [val.get(i * run_cfg['batch_size'])[0] for i in range(eval_batches)]
         v = np.mean([loss(params, batch)[0] for batch in batches])

@@ -12,13 +12,12 @@ mesh of all devices (--mesh as in training, e.g. model=2 to split a big model) a
 the same shard_map code as training. The first sample is printed as it is produced.
 
 Needs: model.py (GPTConfig), shard.py (mesh, params), checkpoint.py (reading one), hf.py
-(GPT-2's weights), data.py (tokenizers), flags.py (the command line).
+(GPT-2's weights), int8.py (--quantize), data.py (tokenizers), flags.py (the command line).
 """
 import codecs
 import os
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -31,6 +30,7 @@ import checkpoint
 import data
 import flags
 import hf
+import int8
 import shard
 from flags import flag
 from model import GPTConfig
@@ -53,41 +53,6 @@ class SampleConfig:
     quantize: str = flag('', "int8: the layers' matmul weights as int8", choices=('int8', ''))
     export: str = flag('', "write the checkpoint to this folder as GPT-2 (Hugging Face), exit")
     cache: bool = flag(True, 'False reruns the whole context for every new token (to compare)')
-
-
-# --- int8 weights -------------------------------------------------------------------------------
-@partial(jax.tree_util.register_dataclass, data_fields=['q', 'scale'], meta_fields=[])
-@dataclass
-class Int8:
-    """A weight stored as int8: w ~ q * scale, one scale per output channel and per group of input
-    rows; w[...] dequantizes it, in the scale's dtype, wherever the model reads a weight."""
-    q: jax.Array  # int8, the weight's shape: (in, out...)
-    scale: jax.Array  # (groups, out...): the input axis cut into groups, each with its own scale
-
-    def __getitem__(self, index):
-        groups = self.scale.shape[0]
-        q = self.q.reshape(groups, -1, *self.q.shape[1:])  # (groups, in / groups, out...)
-        w = q.astype(self.scale.dtype) * self.scale[:, None]
-        return w.reshape(self.q.shape)[index]
-
-
-KERNELS = (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj'))
-
-
-def quantize(params, mesh):
-    """int8 weights for the layers' four matmul kernels, in place: a float32 scale, max |w| / 127,
-    per output channel and per model-axis group of input rows, so that each device's shard of a
-    row-parallel kernel has its own scales and every layout stays as written. -> params."""
-    layers = params['h']
-    for module, name in KERNELS:
-        weight = layers[module][name]
-        w = np.asarray(jax.device_get(weight[...]), np.float32)  # (L, in, out...)
-        grouped = w.reshape(w.shape[0], mesh.shape['model'], -1, *w.shape[2:])  # (L, g, in/g, ..)
-        scale = np.maximum(np.abs(grouped).max(2), 1e-30) / 127  # (L, groups, out...)
-        q = np.round(grouped / scale[:, :, None]).astype(np.int8).reshape(w.shape)
-        sharding = weight[...].sharding
-        weight.set_value(Int8(jax.device_put(q, sharding), jax.device_put(scale, sharding)))
-    return params
 
 
 # --- the next token -------------------------------------------------------------------------------
@@ -222,7 +187,7 @@ def main(argv):
                   "layout)")
             return
         if cfg.quantize:
-            params = quantize(params, mesh)
+            params = int8.quantize(params, mesh)
     except (ValueError, OSError) as e:  # one line, as train.py
         sys.exit(f"sample.py: {e}")
     try:

@@ -38,6 +38,7 @@ import attention
 import checkpoint
 import data
 import hf
+import int8
 import model
 import optim
 import perf
@@ -426,7 +427,7 @@ def pruned_params(spec, **kw):  # as numpy
 def test_pruning_reaches_its_sparsity():
     """After max_iters, each layer's four matmul kernels are half zeros, and nothing else is."""
     one = pruned_params('data=1,model=1')
-    for module, name in sample.KERNELS:
+    for module, name in int8.KERNELS:
         w = one['h'][module][name]
         zeros = (w.reshape(w.shape[0], -1) == 0).mean(1)  # per layer
         assert np.all(zeros >= 0.5) and np.all(zeros < 0.52), (name, zeros)
@@ -462,7 +463,7 @@ def test_pruning_is_the_same_on_every_mesh():
     assert (one['h']['mlp']['c_fc'] == 0).mean() >= 0.5
     for spec, fsdp in (('data=2,model=2', False), ('data=4,model=1', True)):
         other = pruning_steps(spec, fsdp)
-        for module, name in sample.KERNELS:
+        for module, name in int8.KERNELS:
             np.testing.assert_array_equal(other['h'][module][name] == 0,
                                           one['h'][module][name] == 0, err_msg=spec)
         assert_close(other, one, rel=1e-6)
@@ -472,8 +473,8 @@ def test_int8_keeps_pruned_zeros():
     """sample.py --quantize=int8 on a pruned model: every pruned weight is still exactly 0."""
     mesh, params = train_pruned('data=1,model=1')
     pruned = jax.device_get(model.nnx.to_pure_dict(params))
-    params = sample.quantize(params, mesh)
-    for module, name in sample.KERNELS:
+    params = int8.quantize(params, mesh)
+    for module, name in int8.KERNELS:
         w = pruned['h'][module][name]
         assert (w == 0).mean() >= 0.5
         assert np.all(np.asarray(params['h'][module][name][...])[w == 0] == 0)
@@ -802,14 +803,15 @@ def test_int8_weights_within_half_a_step(spec):
         before = jax.device_get(model.nnx.to_pure_dict(params))
         idx = tokens(1, (2, 16))
         logits = full_logits(graphdef, specs, mesh, params, idx)
-        params = sample.quantize(params, mesh)
+        params = int8.quantize(params, mesh)
         for module, name in (('attn', 'c_attn'), ('attn', 'c_proj'),
                              ('mlp', 'c_fc'), ('mlp', 'c_proj')):
-            w, int8 = before['h'][module][name], params['h'][module][name].get_value()
-            assert int8.q.dtype == jnp.int8
+            w, stored = before['h'][module][name], params['h'][module][name].get_value()
+            assert stored.q.dtype == jnp.int8
             g = w.reshape(w.shape[0], groups, -1, *w.shape[2:])
             scale = np.abs(g).max(2, keepdims=True) / 127
-            dequantized = np.asarray(int8.q).reshape(g.shape) * np.asarray(int8.scale)[:, :, None]
+            q = np.asarray(stored.q).reshape(g.shape)
+            dequantized = q * np.asarray(stored.scale)[:, :, None]
             err = np.abs(g - dequantized)
             assert (err <= scale / 2 * (1 + 1e-5)).all() and err.max() > 0
         quantized = full_logits(graphdef, specs, mesh, shard.cast(params, jnp.float32), idx)

@@ -323,10 +323,11 @@ def save_checkpoint(cfg, model_cfg, lock, replacing, params, opt_state, step, cu
         return path
     try:
         checkpoint.save(path, arrays, meta)
-    except OSError as e:
+    except OSError as e:  # an --overwrite run's first save: the old run is still the folder's
         newest = (checkpoint.in_folder(cfg.out_dir) or ['none'])[-1]
-        raise ValueError(f"could not write {path} ({e.strerror}): free some space, then "
-                         f"--resume; the newest checkpoint is still {newest}") from None
+        then = '--overwrite again' if replacing else '--resume'
+        raise ValueError(f"could not write {path} ({e.strerror}): free some space, then {then}; "
+                         f"the newest checkpoint is still {newest}") from None
     if replacing:
         for old in replacing:
             if old != path:
