@@ -47,6 +47,9 @@ def read_safetensors(path):
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
         raw = np.memmap(path, np.uint8, 'r', offset=8 + n)  # read from disk as each is used
+        spans = sorted(tuple(e['data_offsets']) for k, e in header.items() if k != '__metadata__')
+        if any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or spans and spans[-1][1] > raw.size:
+            raise ValueError("its tensors' bytes overlap, leave gaps or run past its end")
         out = {}
         for name, entry in header.items():
             if name == '__metadata__':

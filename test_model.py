@@ -1421,6 +1421,8 @@ BAD = {  # flags -> what the one-line message must say
                                  'no usable config.json'),
     'safetensors header of 2**40': (['--out_dir={fresh}', '--init_from={hf_huge_header}'],
                                     'more than the file holds'),
+    'safetensors tensors sharing bytes': (['--out_dir={fresh}', '--init_from={hf_overlap}'],
+                                          "tensors' bytes overlap"),
     'GPT-2 weights with NaN': (['--out_dir={fresh}', '--init_from={hf_nan}'],
                                'holds NaN or infinite values'),
     'checkpoint of step -7': (['--out_dir={step_minus_7}', '--resume'], 'no valid step'),
@@ -1465,7 +1467,7 @@ def bad_inputs(tmp_path, trained):
         (tmp_path / name / 'val.bin').write_bytes(ids[:10**4].tobytes())
     byte_gpt2 = dataclasses.replace(HF_CFG, vocab_size=256)
     for name in ('hf_no_heads', 'hf_list', 'hf_huge_header', 'hf_nan', 'hf_huge_context',
-                 'hf_fifo'):
+                 'hf_fifo', 'hf_overlap'):
         t = hf_folder(tmp_path / name, byte_gpt2)
         config = json.loads((tmp_path / name / 'config.json').read_text())
         (tmp_path / name / 'config.json').write_text(json.dumps(
@@ -1477,6 +1479,14 @@ def bad_inputs(tmp_path, trained):
     raw = (tmp_path / 'hf_huge_header' / 'model.safetensors').read_bytes()
     (tmp_path / 'hf_huge_header' / 'model.safetensors').write_bytes((2**40).to_bytes(8, 'little')
                                                                     + raw[8:])
+    raw = (tmp_path / 'hf_overlap' / 'model.safetensors').read_bytes()
+    n = int.from_bytes(raw[:8], 'little')
+    header = json.loads(raw[8:8 + n])
+    first, second = [name for name in header if name.endswith('c_proj.bias')][:2]
+    header[second]['data_offsets'] = header[first]['data_offsets']  # same shape, same bytes
+    text = json.dumps(header).encode()
+    (tmp_path / 'hf_overlap' / 'model.safetensors').write_bytes(
+        len(text).to_bytes(8, 'little') + text + raw[8 + n:])
     hf.write_safetensors(tmp_path / 'hf_nan' / 'model.safetensors',
                          {**t, 'h.0.mlp.c_fc.bias': t['h.0.mlp.c_fc.bias'] * np.nan})
     arrays, meta = checkpoint.read(trained / 'ckpt_0000004.npz')
