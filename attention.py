@@ -128,8 +128,8 @@ def _step_blocks(kb, vb, kb_pos, j, count):  # step j's key block for each of co
 
 
 def _scores(q, kj, q_pos, kj_pos, window):  # -> (B, nq, bq, H, bk) scores, masked, float32
-    s = jnp.einsum('bnqhd,bnkhd->bnqhk', q, kj, preferred_element_type=f32) / math.sqrt(
-        q.shape[-1])
+    s = jnp.einsum('bnqhd,bnkhd->bnqhk', q, kj, preferred_element_type=f32)
+    s = s / math.sqrt(q.shape[-1])
     seen = jax.vmap(visible, (0, 0, None))(q_pos, kj_pos, window)  # (nq, bq, bk)
     return jnp.where(seen[None, :, :, None, :], s, -1e30)  # finite: a block may hide all
 
