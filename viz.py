@@ -102,11 +102,11 @@ def curves(rows):
 def loss_figure(out_dirs):
     """One figure for any number of runs: loss (train, each step; val, each evaluation), the
     learning rate and tokens/s, each against tokens seen, each run in its own colour."""
+    runs = {out_dir: curves(read_metrics(out_dir)) for out_dir in out_dirs}  # before drawing
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_loss, ax_lr, ax_speed = axes
-    for out_dir in out_dirs:
-        series, x_name = curves(read_metrics(out_dir))
+    for out_dir, (series, x_name) in runs.items():
         line, = ax_loss.plot(*series['loss'], lw=0.7, alpha=0.7, label=f'{out_dir} train')
         colour = line.get_color()
         ax_loss.plot(*series['val_loss'], 'o-', color=colour, ms=4, label=f'{out_dir} val')
