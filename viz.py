@@ -415,13 +415,16 @@ def memory(_, mc):
     return memory_figure(table, title)
 
 
-def mesh(_, cfg):
+def mesh(_, cfg):  # the vocabulary does not reach a block's weights: GPT-2's, for any preset
     return mesh_figure(train.model_config(train.Config(**train.PRESETS[cfg.model]), 50257))
 
 
-COMMANDS = {'loss': (loss, LossConfig, True), 'attention': (attention_command, AttentionConfig,
-                                                              True),
-            'memory': (memory, MemoryConfig, False), 'mesh': (mesh, MeshConfig, False)}
+COMMANDS = {  # name: (what draws its figure, its flags, whether it takes OUT_DIRs)
+    'loss': (loss, LossConfig, True),
+    'attention': (attention_command, AttentionConfig, True),
+    'memory': (memory, MemoryConfig, False),
+    'mesh': (mesh, MeshConfig, False),
+}
 USAGE = "python viz.py {loss OUT_DIR [OUT_DIR ...] | attention OUT_DIR | memory | mesh} [--flags]"
 
 
@@ -430,11 +433,11 @@ def main(argv):
     if name not in COMMANDS:
         sys.exit(f"viz.py: unknown subcommand {name!r}: usage: {USAGE}")
     command, config, takes_dirs = COMMANDS[name]
+    cfg = flags.parse(f'viz.py {name}', [a for a in argv[1:] if a.startswith('--')], config())
     out_dirs = [a for a in argv[1:] if not a.startswith('--')]
     if takes_dirs != bool(out_dirs):
         sys.exit(f"viz.py: {name} takes {'one or more OUT_DIRs' if takes_dirs else 'no OUT_DIR'}"
                  f": usage: {USAGE}")
-    cfg = flags.parse(f'viz.py {name}', [a for a in argv[1:] if a.startswith('--')], config())
     try:
         pyplot()
         import matplotlib
