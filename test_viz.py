@@ -94,7 +94,8 @@ def save_peaky_checkpoint(out_dir, cfg=CFG):
 
 
 def numpy_attention(w, idx, cfg=CFG):
-    """GPT-2's forward in numpy, from the weights alone -> (L, H, T, T) probabilities."""
+    """GPT-2's forward in numpy, from the weights alone -> (L, H, T, T) probabilities. With
+    pos='rope', q and k are rotated: pairs (i, i + D/2) by the angle pos * 10000^(-2i/D)."""
     def norm(x, w, name):
         mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
         return (x - mean) / np.sqrt(var + 1e-5) * w[f"{name}['scale']"] + w[f"{name}['bias']"]
@@ -102,8 +103,14 @@ def numpy_attention(w, idx, cfg=CFG):
     def gelu(x):
         return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
+    def rope(x):  # (T, H, D)
+        angle = np.arange(T)[:, None] * 10000.0 ** (-np.arange(D // 2) / (D // 2))  # (T, D/2)
+        cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
     T, H, D = len(idx), cfg.n_head, cfg.n_embd // cfg.n_head
-    x = w["['wte']"][idx] + w["['wpe']"][:T]  # (T, C)
+    x = w["['wte']"][idx] + (w["['wpe']"][:T] if cfg.pos == 'learned' else 0)  # (T, C)
     later = np.triu(np.ones((T, T), bool), 1)  # a query never sees a later key
     maps = []
     for i in range(cfg.n_layer):
@@ -111,6 +118,7 @@ def numpy_attention(w, idx, cfg=CFG):
         w_i = {**w, **layer}
         qkv = np.einsum('tc,ckd->tkd', norm(x, w_i, "['ln_1']"), w_i["['attn']['c_attn']"])
         q, k, v = (qkv + w_i["['attn']['c_attn_bias']"]).transpose(1, 0, 2).reshape(3, T, H, D)
+        q, k = (rope(q), rope(k)) if cfg.pos == 'rope' else (q, k)
         scores = np.einsum('qhd,khd->hqk', q, k) / math.sqrt(D)
         scores = np.where(later, -np.inf, scores)
         p = np.exp(scores - scores.max(-1, keepdims=True))
@@ -123,20 +131,22 @@ def numpy_attention(w, idx, cfg=CFG):
     return np.stack(maps)
 
 
-def test_attention_is_the_models_own_softmax(tmp_path):
-    weights = save_peaky_checkpoint(tmp_path)
+@pytest.mark.parametrize('pos', ['learned', 'rope'])
+def test_attention_is_the_models_own_softmax(tmp_path, pos):
+    cfg = dataclasses.replace(CFG, pos=pos)
+    weights = save_peaky_checkpoint(tmp_path, cfg)
     prompt = 'def f(x): return'
     model_cfg, graphdef, params, specs, mesh, ids, labels = viz.load_for_attention(tmp_path,
                                                                                    prompt)
     with jax.set_mesh(mesh):
         maps = viz.attention_maps(model_cfg, graphdef, params, specs, mesh, ids)
     T = len(prompt)
-    assert maps.shape == (CFG.n_layer, CFG.n_head, T, T) and len(labels) == T
+    assert maps.shape == (cfg.n_layer, cfg.n_head, T, T) and len(labels) == T
     assert np.all(maps >= 0)
     np.testing.assert_allclose(maps.sum(-1), 1, rtol=1e-5)
     assert np.all(maps[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)  # causal
     assert maps.max(-1).mean() > 0.5  # peaky, so the comparison below means something
-    np.testing.assert_allclose(maps, numpy_attention(weights, ids[0]), atol=2e-4)
+    np.testing.assert_allclose(maps, numpy_attention(weights, ids[0], cfg), atol=2e-4)
 
 
 # --- memory --------------------------------------------------------------------------------------
