@@ -230,7 +230,8 @@ class MemoryConfig:
     dtype: str = flag('bfloat16', 'the compute dtype of every row but the float32 one',
                       choices=('bfloat16', 'float32'))
     unroll: bool = flag(False, 'compile every layer (the CPU default); False: a scan, as on GPUs')
-    rows: str = flag('', "the rows to compile, by number (0,2,7); '': all")
+    rows: str = flag('', "the rows to compile, by number: 0 plain, 1 float32, 2 bf16 weights, "
+                     "3 remat, 4 accumulation, 5-6 long context, 7 FSDP, 8 all; '': all")
     out: str = flag('memory.png', 'the picture to write')
 
 
@@ -363,7 +364,7 @@ def mesh_figure(model_cfg):
     plt = pyplot()
     fig, axes = plt.subplots(len(BLOCK_WEIGHTS), len(SPLITS), figsize=(16, 11), squeeze=False)
     for col, (mesh_spec, fsdp, title) in enumerate(SPLITS):
-        mesh = shard.make_mesh(mesh_spec, jax.devices()[:8])
+        mesh = shard.make_mesh(mesh_spec, jax.devices('cpu')[:8])  # layouts only: any 8 do
         cfg = dataclasses.replace(model_cfg, fsdp=mesh.shape['data'] if fsdp else 1)
         for row, (name, (shape, spec, holders)) in enumerate(block_layouts(cfg, mesh).items()):
             draw_layout(axes[row, col], shape, holders)
