@@ -41,6 +41,7 @@ def compiled(B, T, vocab=256, **flags):
     train.Config's model fields (n_layer, attention, remat, ...). -> (the step, its arguments)."""
     cfg = train.Config(batch_size=B, block_size=T, **flags)  # optimizer, dtype: train.py's
     cfg.dtype = cfg.dtype or train_dtype()
+    cfg.unroll = jax.default_backend() == 'cpu' if cfg.unroll is None else cfg.unroll  # train.py's
     model_cfg = train.model_config(cfg, vocab)
     mesh = shard.make_mesh('data=1,model=1', jax.devices()[:1])
     jax.set_mesh(mesh)
