@@ -358,16 +358,14 @@ def test_attention_dropout_blockwise_equals_xla():
                                dense_attention(q, k, v, 40, keep, rate), atol=1e-5)
 
 
-def test_attention_dropout_in_the_model_on_any_split_of_heads():
+def test_attention_dropout_in_the_model_on_any_split_of_heads(reference):
     """The whole model with dropout 0.1: blockwise gives xla's loss and gradients, and splitting
     the heads over 'model' (each device draws its heads' masks by their global index) gives one
     device's."""
     dropped = dataclasses.replace(CFG, dropout=0.1)
     loss, grads, _ = grads_on('data=1,model=1', cfg=dropped, dropout=0.1)
-    no_dropout = grads_on('data=1,model=1')[0]
-    assert abs(loss - no_dropout) > 1e-4  # it did drop something
-    for spec, impl in (('data=1,model=1', 'blockwise'), ('data=1,model=4', 'xla'),
-                       ('data=1,model=2', 'blockwise')):
+    assert abs(loss - reference[0]) > 1e-4  # it did drop something
+    for spec, impl in (('data=1,model=1', 'blockwise'), ('data=1,model=4', 'xla')):
         other = grads_on(spec, cfg=dataclasses.replace(dropped, attention=impl), dropout=0.1)
         assert abs(other[0] - loss) <= 1e-5 * abs(loss), (spec, impl)
         assert_close(other[1], grads)
