@@ -90,11 +90,20 @@ def check_meta(meta, path):
         ('key', isinstance(key, list) and len(key) == 2 and all(whole(k, 2**32) for k in key)),
         ('config', isinstance(config, dict) and config.get('tokenizer') in ('byte', 'gpt2')),
         ('model', isinstance(model, dict) and all(whole(model.get(k)) and model[k] for k in sizes)
-         and model.get('remat', 'none') in ('none', 'block', 'dots')),
+         and whole(model.get('window', 0)) and model.get('pos', 'learned') in ('learned', 'rope')
+         and model.get('remat', 'none') in ('none', 'block', 'dots')
+         and model.get('attention', 'xla') in ('xla', 'blockwise', 'cudnn')),
         ('params_dtype', meta.get('params_dtype', 'float32') in ('float32', 'bfloat16'))) if not ok]
     if problems:
         raise ValueError(f"checkpoint {path} has no valid {', '.join(problems)} in its header: "
                          "it was not written by train.py; delete it to resume from an earlier one")
+
+
+def check_finite(arrays, path):  # a run that diverged may have saved NaN weights
+    if not all(np.isfinite(a).all() for k, a in arrays.items() if k.startswith("['params']")
+               and np.issubdtype(a.dtype, np.floating)):
+        raise ValueError(f"checkpoint {path} holds NaN or infinite weights: use an earlier one "
+                         "(move this one away)")
 
 
 def trim_log(path, step):
@@ -136,8 +145,8 @@ def lock(folder):
     """Lock folder/lock for as long as this process lives (the OS drops the lock when the process
     dies, even by kill -9: never stale). -> (the open file, to keep, None), or (None, the pid of
     the process that holds it)."""
-    try:
-        f = open(Path(folder) / 'lock', 'a+')
+    try:  # never through a link: the pid would be written into whatever it points at
+        f = os.fdopen(os.open(Path(folder) / 'lock', os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW), 'r+')
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -144,9 +144,7 @@ def load_checkpoint(out_dir, mesh):
     except TypeError:
         raise ValueError(f"checkpoint {paths[-1]}'s model is not a GPTConfig of this version: "
                          "sample it with the version that trained it") from None
-    if not all(np.isfinite(a).all() for k, a in arrays.items() if k.startswith("['params']")):
-        raise ValueError(f"checkpoint {paths[-1]} holds NaN or infinite weights: sample an "
-                         "earlier one (move this one away)")
+    checkpoint.check_finite(arrays, paths[-1])
     shard.check_divisible(model_cfg, mesh.shape['model'])
     graphdef, params, specs = shard.init_params(model_cfg, mesh, 0, meta['params_dtype'])
     params = shard.place(arrays, {'params': params})['params']

@@ -1442,6 +1442,13 @@ BAD = {  # flags -> what the one-line message must say
                               '--profile traces --bench'),
     'checkpoint of another dtype': (['--out_dir={float64_wte}', '--resume', '--max_iters=4'],
                                     "['params']['wte'].value is float64[256, 32]"),
+    'checkpoint with NaN weights': (['--out_dir={nan_wte}', '--resume', '--max_iters=4'],
+                                    'holds NaN or infinite weights'),
+    'lock a link to a checkpoint': (['--out_dir={lock_link}', '--resume', '--max_iters=4'],
+                                    'cannot be used as a lock'),
+    'memory profile onto a checkpoint': (['--resume', '--max_iters=4',
+                                          '--memory_profile={trained}/ckpt_0000004.npz'],
+                                         'name a new file in a folder that exists'),
     'checkpoint config lacking a flag': (['--out_dir={no_learning_rate}', '--resume',
                                           '--learning_rate=0.001'],
                                          '--learning_rate=0.002'),
@@ -1494,9 +1501,12 @@ def bad_inputs(tmp_path, trained):
             ('step_minus_7', {**meta, 'step': -7}, arrays),
             ('no_cursor', {k: v for k, v in meta.items() if k != 'cursor'}, arrays),
             ('float64_wte', meta, {**arrays, wte: arrays[wte].astype(np.float64)}),
+            ('nan_wte', meta, {**arrays, wte: arrays[wte] * np.nan}),
+            ('lock_link', meta, arrays),
             ('no_learning_rate', {**meta, 'config': config}, arrays)):
         checkpoint.save(tmp_path / name / 'ckpt_0000004.npz', held, header)
         (tmp_path / name / 'metrics.jsonl').write_bytes((trained / 'metrics.jsonl').read_bytes())
+    (tmp_path / 'lock_link' / 'lock').symlink_to(tmp_path / 'lock_link' / 'ckpt_0000004.npz')
     (tmp_path / 'ckpt_fifo').mkdir()
     os.mkfifo(tmp_path / 'ckpt_fifo' / 'ckpt_0000004.npz')
     (tmp_path / 'metrics_folder' / 'metrics.jsonl').mkdir(parents=True)
@@ -1512,8 +1522,8 @@ def test_bad_input_one_line_nothing_touched(case, corpus, trained, tmp_path):
     flags, message = BAD[case]
     names = bad_inputs(tmp_path, trained)
     before = snapshot(trained), snapshot(tmp_path)
-    r = cli('train.py', corpus, f'--out_dir={trained}', *[f.format(**names) for f in flags],
-            devices=2)
+    given = [f.format(**names, trained=trained) for f in flags]
+    r = cli('train.py', corpus, f'--out_dir={trained}', *given, devices=2)
     assert r.returncode != 0
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (snapshot(trained), snapshot(tmp_path)) == before

@@ -177,6 +177,10 @@ def check_inputs(cfg):
         raise ValueError("--resume and --overwrite contradict each other: drop one of them")
     if cfg.profile and not cfg.bench:
         raise ValueError("--profile traces --bench's steps: add --bench, or drop --profile")
+    folder = os.path.dirname(os.path.abspath(cfg.memory_profile))
+    if cfg.memory_profile and (os.path.lexists(cfg.memory_profile) or not os.path.isdir(folder)):
+        raise ValueError(f"--memory_profile={cfg.memory_profile}: name a new file in a folder that "
+                         "exists (it overwrites nothing)")
     return tok
 
 
@@ -246,6 +250,7 @@ def resume(cfg, params, opt_state):
     path = checkpoint.in_folder(cfg.out_dir)[-1]
     arrays, meta = checkpoint.read(path)
     checkpoint.check_meta(meta, path)
+    checkpoint.check_finite(arrays, path)
     # a flag the checkpoint lacks (an older version's, or a damaged header) had its default
     saved = {f.name: f.default for f in dataclasses.fields(Config)} | meta['config']
     changed = {k: v for k, v in saved.items()
