@@ -5,16 +5,21 @@ train.py's main, from the error the next collective with it raises at once.
 
 Needs: nothing from the other files.
 """
+import hashlib
+import json
 import os
 import sys
 import threading
 
 import jax
+import numpy as np
+from jax.experimental.multihost_utils import process_allgather
 
 
-def start(distributed, peer_timeout):
-    """--distributed=auto or HOST:PORT,N,I: join the other processes; from here on the devices
-    are every process's, and process 0 alone prints."""
+def start(distributed, peer_timeout, flags):
+    """--distributed=auto or HOST:PORT,N,I: join the other processes, and check that each was
+    given the same `flags` (a dict: what is trained); from here on the devices are every
+    process's, and process 0 alone prints."""
     if distributed:
         parts = [] if distributed == 'auto' else distributed.split(',')
         numbers = [parts[0].rpartition(':')[2], *parts[1:]] if parts else []  # port, N, I
@@ -26,9 +31,19 @@ def start(distributed, peer_timeout):
         timer.daemon = True
         timer.start()
         later = peer_timeout + 60  # JAX's timeouts: after ours
-        jax.distributed.initialize(*parts[:1], *(int(p) for p in parts[1:]),
-                                   initialization_timeout=later, heartbeat_timeout_seconds=later)
+        try:
+            jax.distributed.initialize(*parts[:1], *(int(p) for p in parts[1:]),
+                                       initialization_timeout=later,
+                                       heartbeat_timeout_seconds=later)
+        except ValueError as e:  # auto outside a cluster JAX knows
+            raise ValueError(f"--distributed={distributed}: {e} (auto finds SLURM and TPU "
+                             "pods): pass HOST:PORT,N,I") from None
         timer.cancel()
+        digest = hashlib.sha256(json.dumps(flags, sort_keys=True).encode()).digest()
+        digests = process_allgather(np.frombuffer(digest, np.uint8))  # (processes, 32)
+        if (digests != digests[0]).any():  # a different seed would train unnoticed
+            raise ValueError("the processes were given different flags: give every process the "
+                             "same, but for --distributed's id")
     if jax.process_index():  # every process computes; process 0 alone prints and writes
         sys.stdout = open(os.devnull, 'w')
 

@@ -1124,7 +1124,8 @@ def test_two_processes_equal_one(corpus, tmp_path):
 def test_a_peer_that_dies_or_never_comes_is_reported_in_one_line(corpus, tmp_path):
     """--distributed with --peer_timeout=5: a process started alone, one whose peer is killed -9
     mid-run, and one whose peer was given a bad flag each stop with one line within the timeout
-    (and a little start-up), not JAX's C++ abort minutes later."""
+    (and a little start-up), not JAX's C++ abort minutes later; two given different seeds both
+    stop, in one line, once they have joined."""
     def start(i, port, *extra):
         return cli('train.py', corpus, f'--out_dir={tmp_path / "run"}', '--max_iters=100000',
                    '--mesh=data=2', f'--distributed=localhost:{port},2,{i}', '--peer_timeout=5',
@@ -1143,8 +1144,12 @@ def test_a_peer_that_dies_or_never_comes_is_reported_in_one_line(corpus, tmp_pat
     pair[1].kill()
     port = free_port()
     bad = [start(0, port), start(1, port, '--n_embd=30')]
+    port = free_port()
+    other_seed = [start(0, port), start(1, port, '--seed=2')]  # joins, but would train otherwise
     for p, line in ((alone, 'did not all join'), (pair[0], 'process'),
-                    (bad[1], 'not divisible by n_head'), (bad[0], 'did not all join')):
+                    (bad[1], 'not divisible by n_head'), (bad[0], 'did not all join'),
+                    (other_seed[0], 'given different flags'),
+                    (other_seed[1], 'given different flags')):
         err = p.communicate(timeout=60)[1]
         assert p.returncode == 1 and line in err and len(err.strip().splitlines()) == 1, err
 

@@ -424,7 +424,8 @@ def closing_sample(cfg, model_cfg, mesh, params, tok, key):
 
 def run(cfg):
     tok = check_inputs(cfg)
-    processes.start(cfg.distributed, cfg.peer_timeout)
+    processes.start(cfg.distributed, cfg.peer_timeout,
+                    {k: v for k, v in vars(cfg).items() if k not in HOW})
     model_cfg, mesh = check_devices(cfg, tok)
     train_batches, val_batches = load_data(cfg, tok)
     gpt2 = hf.read_weights(cfg.init_from, model_cfg) if cfg.init_from and not cfg.resume else None
