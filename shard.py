@@ -207,6 +207,7 @@ def place(arrays, template):
         if a is None or (a.shape, a.dtype) != (like.shape, like.dtype):  # never cast silently
             held = 'missing' if a is None else f"{a.dtype}{list(a.shape)}"
             raise ValueError(f"the checkpoint's {key} is {held}, the model's {like.dtype}"
-                             f"{list(like.shape)}: pass the model flags it was trained with")
+                             f"{list(like.shape)}: it holds another model (to train.py, pass "
+                             "the flags it was trained with)")
         return put(a, like)
     return jax.tree_util.tree_map_with_path(place_one, template)

@@ -1445,6 +1445,8 @@ BAD = {  # flags -> what the one-line message must say
                                     'id I below the count N'),
     'profile without bench': (['--out_dir={fresh}', '--profile={fresh}/trace'],
                               '--profile traces --bench'),
+    'profile folder that cannot be': (['--out_dir={fresh}', '--bench', '--profile={file}/trace'],
+                                      'trace cannot be made (Not a directory)'),
     'checkpoint of another dtype': (['--out_dir={float64_wte}', '--resume', '--max_iters=4'],
                                     "['params']['wte'].value is float64[256, 32]"),
     'checkpoint with NaN weights': (['--out_dir={nan_wte}', '--resume', '--max_iters=4'],

@@ -177,6 +177,12 @@ def check_inputs(cfg):
         raise ValueError("--resume and --overwrite contradict each other: drop one of them")
     if cfg.profile and not cfg.bench:
         raise ValueError("--profile traces --bench's steps: add --bench, or drop --profile")
+    if cfg.profile:  # the trace is written after the steps: a folder that cannot be, fails now
+        try:
+            os.makedirs(cfg.profile, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--profile={cfg.profile} cannot be made ({e.strerror}): choose "
+                             "another folder") from None
     folder = os.path.dirname(os.path.abspath(cfg.memory_profile))
     if cfg.memory_profile and (os.path.lexists(cfg.memory_profile) or not os.path.isdir(folder)):
         raise ValueError(f"--memory_profile={cfg.memory_profile}: name a new file in a folder that "
@@ -491,7 +497,7 @@ def main(argv):
     except KeyboardInterrupt:
         problem = "stopped by a signal outside the loop: every checkpoint saved is whole"
     except OSError as e:  # the outside world: a full disk, a file that cannot be opened
-        problem = (f"{e.strerror}: {e.filename}: free some space or fix the path, then run again "
+        problem = (f"{e.strerror}: {e.filename}: fix the path, or free some space, then run again "
                    "(with --resume to continue)")
     except jax.errors.JaxRuntimeError as e:
         if 'RESOURCE_EXHAUSTED' in str(e):
