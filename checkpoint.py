@@ -40,12 +40,12 @@ def path_for(out_dir, step):
 
 
 def in_folder(out_dir):
-    """The checkpoints in out_dir, oldest first by the step in their names; files that do not
-    match the name exactly (a user's ckpt_old.npz, a .tmp) are not checkpoints."""
+    """The checkpoints in out_dir, oldest first by the step in their names; files not named
+    exactly as path_for names them (a user's ckpt_old.npz, a .tmp, ckpt_00000012.npz) are not."""
     steps = {}
     for p in Path(out_dir).glob('ckpt_*.npz'):
         match = CHECKPOINT_NAME.fullmatch(p.name)
-        if match:
+        if match and p.name == path_for(out_dir, int(match.group(1))).name:
             steps[int(match.group(1))] = p
     return [steps[s] for s in sorted(steps)]
 
@@ -97,6 +97,10 @@ def check_meta(meta, path):
     if problems:
         raise ValueError(f"checkpoint {path} has no valid {', '.join(problems)} in its header: "
                          "it was not written by train.py; delete it to resume from an earlier one")
+    named = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    if named and int(named.group(1)) != meta['step']:  # a copy under another step's name
+        raise ValueError(f"checkpoint {path} holds step {meta['step']}, not its name's: it was "
+                         "copied or renamed; move it away to resume from the others")
 
 
 def check_finite(arrays, path):  # a run that diverged may have saved NaN weights

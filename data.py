@@ -143,7 +143,8 @@ def split_documents(root, files):
               f"e.g. {skipped[0]}")
     texts = [(name, t) for name, t in texts if t]
     if not texts:
-        raise DataError("the dataset is empty: point --data at files that hold text")
+        raise DataError("the dataset is empty (no file of UTF-8 text without NUL bytes): point "
+                        "--data at files that hold text")
     if len(texts) == 1:
         text, cut = texts[0][1], int(len(texts[0][1]) * 0.9)
         return [text[:cut]], [text[cut:]]

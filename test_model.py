@@ -1206,8 +1206,10 @@ def test_overwrite_keeps_the_old_run_until_its_first_checkpoint(corpus, tmp_path
 
 def test_checkpoints_are_ordered_by_their_step(corpus, trained, tmp_path):
     """The newest checkpoint is the one of the highest step, not the last name in text order, and
-    a file that only looks like one (a user's ckpt_old.npz) is not a checkpoint at all."""
-    for name in ('ckpt_9999995.npz', 'ckpt_10000000.npz', 'ckpt_old.npz', 'ckpt_0000012.npz.tmp'):
+    a file that only looks like one (a user's ckpt_old.npz, or ckpt_00000012.npz: not as train.py
+    names step 12) is not a checkpoint at all."""
+    for name in ('ckpt_9999995.npz', 'ckpt_10000000.npz', 'ckpt_old.npz', 'ckpt_0000012.npz.tmp',
+                 'ckpt_00000012.npz'):
         (tmp_path / name).write_bytes(b'')
     assert [p.name for p in checkpoint.in_folder(tmp_path)] == ['ckpt_9999995.npz',
                                                                 'ckpt_10000000.npz']
@@ -1456,6 +1458,12 @@ BAD = {  # flags -> what the one-line message must say
     'memory profile onto a checkpoint': (['--resume', '--max_iters=4',
                                           '--memory_profile={trained}/ckpt_0000004.npz'],
                                          'name a new file in a folder that exists'),
+    'checkpoint copied under a later name': (['--out_dir={copied}', '--resume', '--max_iters=4'],
+                                             'holds step 4, not its name'),
+    'dropout resumed with other micro-batches': (['--out_dir={dropout_run}', '--resume',
+                                                  '--max_iters=4', '--dropout=0.1',
+                                                  '--grad_accum=2'],
+                                                 'was trained with --grad_accum=1'),
     'checkpoint config lacking a flag': (['--out_dir={no_learning_rate}', '--resume',
                                           '--learning_rate=0.001'],
                                          '--learning_rate=0.002'),
@@ -1510,9 +1518,13 @@ def bad_inputs(tmp_path, trained):
             ('float64_wte', meta, {**arrays, wte: arrays[wte].astype(np.float64)}),
             ('nan_wte', meta, {**arrays, wte: arrays[wte] * np.nan}),
             ('lock_link', meta, arrays),
+            ('dropout_run', {**meta, 'config': {**meta['config'], 'dropout': 0.1}}, arrays),
             ('no_learning_rate', {**meta, 'config': config}, arrays)):
         checkpoint.save(tmp_path / name / 'ckpt_0000004.npz', held, header)
         (tmp_path / name / 'metrics.jsonl').write_bytes((trained / 'metrics.jsonl').read_bytes())
+    (tmp_path / 'copied').mkdir()
+    for name in ('ckpt_0000004.npz', 'ckpt_0000012.npz'):
+        (tmp_path / 'copied' / name).write_bytes((trained / 'ckpt_0000004.npz').read_bytes())
     (tmp_path / 'lock_link' / 'lock').symlink_to(tmp_path / 'lock_link' / 'ckpt_0000004.npz')
     (tmp_path / 'ckpt_fifo').mkdir()
     os.mkfifo(tmp_path / 'ckpt_fifo' / 'ckpt_0000004.npz')

@@ -259,8 +259,9 @@ def resume(cfg, params, opt_state):
     checkpoint.check_finite(arrays, path)
     # a flag the checkpoint lacks (an older version's, or a damaged header) had its default
     saved = {f.name: f.default for f in dataclasses.fields(Config)} | meta['config']
+    how = HOW - {'grad_accum'} if cfg.dropout else HOW  # micro-batches draw their own masks
     changed = {k: v for k, v in saved.items()
-               if k not in HOW and k in vars(cfg) and v != getattr(cfg, k)}
+               if k not in how and k in vars(cfg) and v != getattr(cfg, k)}
     if changed:
         flags_given = ', '.join(f"--{k}={v}" for k, v in changed.items())
         raise ValueError(f"{path} was trained with {flags_given}: pass the same flags (or its "
