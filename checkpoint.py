@@ -145,6 +145,22 @@ def open_log(folder, resume, step, replacing):
     return log
 
 
+def holder(folder):
+    """The pid of another live process that holds folder/lock, else None. Reads, writes nothing:
+    for the checks before a run takes the lock itself."""
+    try:
+        f = os.fdopen(os.open(Path(folder) / 'lock', os.O_RDONLY | os.O_NOFOLLOW))
+    except OSError:  # no lock file: no run
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as f closes
+            return None
+        except BlockingIOError:
+            pid = f.read().strip()
+            return None if pid == str(os.getpid()) else pid or '?'
+
+
 def lock(folder):
     """Lock folder/lock for as long as this process lives (the OS drops the lock when the process
     dies, even by kill -9: never stale). -> (the open file, to keep, None), or (None, the pid of

@@ -1163,10 +1163,11 @@ def test_one_run_per_out_dir(corpus, tmp_path):
         while not list(tmp_path.glob('ckpt_*.npz')):
             assert first.poll() is None, first.stderr.read()
             time.sleep(0.2)
-        r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000',
-                '--eval_interval=5', '--resume')
-        assert (r.returncode != 0
-                and f'is in use by a live run (process {first.pid})' in r.stderr), r.stderr
+        for resuming in (['--resume'], []):  # a fresh run too: not told to --resume or overwrite
+            r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000',
+                    '--eval_interval=5', *resuming)
+            assert (r.returncode != 0
+                    and f'is in use by a live run (process {first.pid})' in r.stderr), r.stderr
     finally:
         first.kill()
         first.wait()
