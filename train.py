@@ -166,15 +166,15 @@ def check_inputs(cfg):
     if cfg.pos == 'rope' and (cfg.n_embd // cfg.n_head % 2 or cfg.init_from):
         raise ValueError("--pos=rope rotates pairs of dimensions, and needs an even head size "
                          "(n_embd / n_head) and no --init_from (GPT-2 learned its positions)")
-    owner = None if cfg.bench or cfg.eval_only else checkpoint.holder(cfg.out_dir)
-    if owner:  # before any advice about its checkpoints: the folder is not ours to use
-        raise ValueError(f"{cfg.out_dir}/ is in use by a live run (process {owner}): let it "
-                         "finish, stop it, or pass another --out_dir")
     has_checkpoints = bool(checkpoint.in_folder(cfg.out_dir))
     if cfg.resume and not has_checkpoints:
         raise ValueError(f"--resume: no checkpoint in {cfg.out_dir}/: drop --resume to start a "
                          "new run")
     if has_checkpoints and not (cfg.resume or cfg.overwrite or cfg.bench or cfg.eval_only):
+        owner = checkpoint.holder(cfg.out_dir)
+        if owner:  # then --resume and --overwrite would be refused too: say what is so
+            raise ValueError(f"{cfg.out_dir}/ is in use by a live run (process {owner}): let it "
+                             "finish, stop it, or pass another --out_dir")
         raise ValueError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue, "
                          "another --out_dir, or --overwrite to delete them")
     if cfg.resume and cfg.overwrite:
