@@ -1240,7 +1240,8 @@ def test_resume_past_a_damaged_metrics_log(corpus, tmp_path):
 
 def test_full_disk_one_line_previous_checkpoint_kept(corpus, tmp_path):
     """A save that the disk refuses (a limit on file size stands in for a full disk) stops the run
-    with one line; its temporary file is gone and the previous checkpoint is still the newest."""
+    with one line; its temporary file is gone and the previous checkpoint is still the newest. An
+    --overwrite run whose first save fails leaves the old run as it was, its own log gone too."""
     flags = ['--max_iters=8', '--eval_interval=4']
     assert cli('train.py', corpus, f'--out_dir={tmp_path}', *flags).returncode == 0
     (tmp_path / 'ckpt_0000008.npz').unlink()
@@ -1250,14 +1251,23 @@ def test_full_disk_one_line_previous_checkpoint_kept(corpus, tmp_path):
                   'resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); '
                   'os.execv(sys.executable, [sys.executable] + sys.argv[2:])')
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    r = subprocess.run([sys.executable, '-c', small_disk, str(limit), str(HERE / 'train.py'),
-                        f"--data={corpus / 'code.txt'}", f"--cache_dir={corpus / 'cache'}", *TINY,
-                        f'--out_dir={tmp_path}', *flags, '--resume'], env=env,
-                       capture_output=True, text=True, timeout=300)
+
+    def run(*extra):
+        return subprocess.run([sys.executable, '-c', small_disk, str(limit),
+                               str(HERE / 'train.py'), f"--data={corpus / 'code.txt'}",
+                               f"--cache_dir={corpus / 'cache'}", *TINY, f'--out_dir={tmp_path}',
+                               *flags, *extra], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    r = run('--resume')
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert 'could not write' in r.stderr and 'ckpt_0000004.npz' in r.stderr
     assert [p.name for p in tmp_path.iterdir() if p.suffix == '.tmp'] == []
     assert [p.name for p in checkpoint.in_folder(tmp_path)] == ['ckpt_0000004.npz']
+    before = snapshot(tmp_path)
+    r = run('--overwrite', '--seed=7')  # a new run over the old: its first save fails
+    assert r.returncode != 0 and 'then --overwrite again' in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before  # the old run as it was, and no metrics.jsonl.next
 
 
 def test_signal_before_training_one_line(corpus, tmp_path):

@@ -342,6 +342,8 @@ def save_checkpoint(cfg, model_cfg, lock, replacing, params, opt_state, step, cu
     except OSError as e:  # an --overwrite run's first save: the old run is still the folder's
         newest = (checkpoint.in_folder(cfg.out_dir) or ['none'])[-1]
         then = '--overwrite again' if replacing else '--resume'
+        if replacing:  # its log goes with it: the old run's folder is as it was
+            Path(cfg.out_dir, 'metrics.jsonl.next').unlink(missing_ok=True)
         raise ValueError(f"could not write {path} ({e.strerror}): free some space, then {then}; "
                          f"the newest checkpoint is still {newest}") from None
     if replacing:
