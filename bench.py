@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 import data
 import int8
@@ -42,16 +43,24 @@ def compiled(B, T, vocab=256, **flags):
     cfg = train.Config(batch_size=B, block_size=T, **flags)  # optimizer, dtype: train.py's
     cfg.dtype = cfg.dtype or train_dtype()
     cfg.unroll = jax.default_backend() == 'cpu' if cfg.unroll is None else cfg.unroll  # train.py's
-    model_cfg = train.model_config(cfg, vocab)
-    mesh = shard.make_mesh('data=1,model=1', jax.devices()[:1])
-    jax.set_mesh(mesh)
-    graphdef, params, specs = shard.init_params(model_cfg, mesh, cfg.seed, train.params_dtype(cfg))
-    tx = optim.make_optimizer(cfg, params)
-    batch = np.zeros((B, T + 1), np.int32)  # (B, T+1) token windows: inputs and shifted targets
-    args = (params, jax.jit(tx.init)(params), batch, jax.random.key(0))
-    step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype).lower(*args).compile()
+    step, args = compile_step(cfg, vocab)
     perf.keep_freed_memory(step=step)  # as train.py: kept where 4x the step's memory is available
     return step, args
+
+
+def compile_step(cfg, vocab, n_devices=1):
+    """train.py's step for the train.Config cfg on a data=n_devices mesh, compiled, not run ->
+    (the step, its arguments: params, optimizer state, a (B, T+1) batch of zeros, a key)."""
+    mesh = shard.make_mesh(f'data={n_devices},model=1', jax.devices()[:n_devices])
+    jax.set_mesh(mesh)
+    model_cfg = train.model_config(cfg, vocab, n_devices if cfg.fsdp else 1)
+    graphdef, params, specs = shard.init_params(model_cfg, mesh, cfg.seed, train.params_dtype(cfg))
+    tx = optim.make_optimizer(cfg, params)
+    batch = jax.device_put(np.zeros((cfg.batch_size, cfg.block_size + 1), np.int32),
+                           jax.NamedSharding(mesh, P('data')))  # split as train.py feeds it
+    args = (params, jax.jit(tx.init)(params), batch, jax.random.key(0))
+    step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype, cfg.grad_accum)
+    return step.lower(*args).compile(), args
 
 
 def timed_steps(exe, args, warmup, steps):

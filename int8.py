@@ -2,13 +2,15 @@
 as int8 with float32 scales, dequantized where the model reads them, so the model's code runs on
 them unchanged.
 
-Needs: nothing from the other files.
+Needs: model.py (KERNELS, the weights it stores).
 """
 from dataclasses import dataclass
 from functools import partial
 
 import jax
 import numpy as np
+
+from model import KERNELS
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=['q', 'scale'], meta_fields=[])
@@ -24,9 +26,6 @@ class Int8:
         q = self.q.reshape(groups, -1, *self.q.shape[1:])  # (groups, in / groups, out...)
         w = q.astype(self.scale.dtype) * self.scale[:, None]
         return w.reshape(self.q.shape)[index]
-
-
-KERNELS = (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj'))
 
 
 def quantize(params, mesh):

@@ -167,7 +167,7 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x, pos, key=None, cache=None):  # x (B, T, C), pos (T,): their positions
         q, k, v = self.qkv(x, pos)
-        q_pos, k_pos, impl, H = pos, pos, self.cfg.attention, q.shape[2]
+        k_pos, impl, H = pos, self.cfg.attention, q.shape[2]
         drop = None  # attention dropout: (key, rate, each local head's global index)
         if key is not None and self.cfg.dropout > 0:
             drop = (key, self.cfg.dropout, jax.lax.axis_index('model') * H + jnp.arange(H))
@@ -179,7 +179,7 @@ class CausalSelfAttention(nnx.Module):
                 k, v = cache
                 k_pos = pos[0] - (pos[0] - jnp.arange(S)) % S  # slot s's newest; < 0: unwritten
                 impl = 'xla'  # cuDNN's causal mask assumes query i sits at key i
-        y = attention(q, k, v, q_pos, k_pos, impl, self.cfg.window, drop)  # (B, T, H, D)
+        y = attention(q, k, v, pos, k_pos, impl, self.cfg.window, drop)  # (B, T, H, D)
         y = y.reshape(*x.shape[:2], -1)  # (B, T, C / model)
         # Megatron's "g": add up every model shard's partial product. The bias goes after the
         # psum so it is added once, not once per device.
@@ -220,6 +220,8 @@ class Block(nnx.Module):
 
 
 # --- the GPT --------------------------------------------------------------------------------------
+# the layers' matmul weights: what int8.py stores as int8 and --prune prunes (optim.py)
+KERNELS = (('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj'))
 REMAT = {'none': None, 'block': jax.checkpoint_policies.nothing_saveable,
          'dots': jax.checkpoint_policies.save_only_these_names('matmul')}
 

@@ -2,12 +2,15 @@
 decay on the matrices only, and magnitude pruning (--prune). An optax chain, so that what it does
 to each update reads in order.
 
-Needs: nothing from the other files (cfg: train.py's Config, or anything with its fields).
+Needs: model.py (KERNELS, what --prune prunes); cfg: train.py's Config, or anything with its
+fields.
 """
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
+
+from model import KERNELS
 
 
 def lr_schedule(cfg):
@@ -36,16 +39,13 @@ def make_optimizer(cfg, params):
     if cfg.prune:  # the layers' matmul kernels only: embeddings, biases and LayerNorms stay whole
         def kernels(path, _):  # ['h']['mlp']['c_fc'].value, say
             name = jax.tree_util.keystr(path)
-            return name.startswith("['h']") and any(f"['{k}']" in name for k in KERNELS)
+            return any(f"['h']['{module}']['{kernel}']" in name for module, kernel in KERNELS)
         steps.append(optax.masked(magnitude_pruning(cfg),
                                   jax.tree_util.tree_map_with_path(kernels, params)))
     return optax.chain(*steps)
 
 
 # --- pruning ------------------------------------------------------------------------------------
-KERNELS = ('c_attn', 'c_proj', 'c_fc')  # in attention and the MLP
-
-
 def sparsity(cfg, count):
     """Zhu and Gupta's (2017) cubic schedule: 0 until warmup ends, then rising, fast at first, to
     cfg.prune at three quarters of max_iters, and held there."""

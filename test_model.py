@@ -425,7 +425,7 @@ def pruned_params(spec, **kw):  # as numpy
 def test_pruning_reaches_its_sparsity():
     """After max_iters, each layer's four matmul kernels are half zeros, and nothing else is."""
     one = pruned_params('data=1,model=1')
-    for module, name in int8.KERNELS:
+    for module, name in model.KERNELS:
         w = one['h'][module][name]
         zeros = (w.reshape(w.shape[0], -1) == 0).mean(1)  # per layer
         assert np.all(zeros >= 0.5) and np.all(zeros < 0.52), (name, zeros)
@@ -461,7 +461,7 @@ def test_pruning_is_the_same_on_every_mesh():
     assert (one['h']['mlp']['c_fc'] == 0).mean() >= 0.5
     for spec, fsdp in (('data=2,model=2', False), ('data=4,model=1', True)):
         other = pruning_steps(spec, fsdp)
-        for module, name in int8.KERNELS:
+        for module, name in model.KERNELS:
             np.testing.assert_array_equal(other['h'][module][name] == 0,
                                           one['h'][module][name] == 0, err_msg=spec)
         assert_close(other, one, rel=1e-6)
@@ -472,7 +472,7 @@ def test_int8_keeps_pruned_zeros():
     mesh, params = train_pruned('data=1,model=1')
     pruned = jax.device_get(model.nnx.to_pure_dict(params))
     params = int8.quantize(params, mesh)
-    for module, name in int8.KERNELS:
+    for module, name in model.KERNELS:
         w = pruned['h'][module][name]
         assert (w == 0).mean() >= 0.5
         assert np.all(np.asarray(params['h'][module][name][...])[w == 0] == 0)

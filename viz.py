@@ -11,7 +11,7 @@ trains: `loss` reads metrics.jsonl (during a run too), `attention` runs the chec
 pass, `memory` compiles train.py's step and reads XLA's memory analysis, never running it.
 
 Needs: train.py (the config, presets and model config), shard.py (mesh, params, the step),
-optim.py (the optimizer whose state is counted), model.py (the GPT and its layouts),
+bench.py (train.py's step, compiled), model.py (the GPT and its layouts),
 attention.py (the probabilities), sample.py and checkpoint.py (reading a checkpoint), data.py
 (tokenizers), flags.py (the command line); matplotlib, which no other file imports.
 """
@@ -37,10 +37,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import attention
+import bench
 import checkpoint
 import data
 import flags
-import optim
 import sample
 import shard
 import train
@@ -196,17 +196,9 @@ def step_memory(cfg, n_devices=1):
     bytes of each part, per device, XLA's memory analysis). The weights and Adam's moments are
     read from the arrays' shards; the float32 gradients are counted (4 bytes per weight held)
     out of XLA's temporaries, and the rest of those are activations and other temporaries."""
-    mesh = shard.make_mesh(f'data={n_devices},model=1', jax.devices()[:n_devices])
-    jax.set_mesh(mesh)
     vocab = data.get_tokenizer(cfg.tokenizer).vocab_size
-    model_cfg = train.model_config(cfg, vocab, n_devices if cfg.fsdp else 1)
-    graphdef, params, specs = shard.init_params(model_cfg, mesh, cfg.seed, train.params_dtype(cfg))
-    tx = optim.make_optimizer(cfg, params)
-    opt_state = jax.jit(tx.init)(params)
-    batch = jax.device_put(np.zeros((cfg.batch_size, cfg.block_size + 1), np.int32),
-                           NamedSharding(mesh, P('data')))  # (B, T+1), as train.py feeds it
-    step = shard.make_train_step(graphdef, specs, mesh, tx, cfg.dtype, cfg.grad_accum)
-    analysis = step.lower(params, opt_state, batch, jax.random.key(0)).compile().memory_analysis()
+    step, (params, opt_state, _, _) = bench.compile_step(cfg, vocab, n_devices)
+    analysis = step.memory_analysis()
     weights, moments = shard.per_device_bytes(params), shard.per_device_bytes(opt_state)
     grads = 4 * sum(x.addressable_shards[0].data.size for x in jax.tree.leaves(params))
     parts = {'weights': weights, "Adam's moments": moments, 'gradients (float32)': grads,
