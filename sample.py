@@ -41,7 +41,7 @@ class SampleConfig:
     out_dir: str = flag('out', 'the folder train.py wrote its checkpoints to')
     start: str = flag('\n', 'the prompt, or FILE:path to read it from a file')
     num_samples: int = flag(2, 'samples drawn side by side', within='[1, inf)')
-    max_new_tokens: int = flag(300, 'tokens to draw per sample', within='[0, inf)')
+    max_new_tokens: int = flag(300, 'tokens to draw per sample', within='[0, 2**31)')
     temperature: float = flag(0.8, 'below 1 sharper, above 1 wilder, 0 greedy', within='[0, inf)')
     top_k: int = flag(200, 'keep the k most likely tokens; 0 keeps all', within='[0, inf)')
     top_p: float = flag(1.0, 'keep the fewest likeliest tokens holding top_p', within='(0, 1]')

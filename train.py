@@ -255,7 +255,7 @@ def claim_out_dir(cfg):
     return lock
 
 
-def resume(cfg, params, opt_state):
+def resume(cfg, model_cfg, params, opt_state):
     """-> params, opt_state, step, cursor, key of the newest checkpoint in out_dir."""
     path = checkpoint.in_folder(cfg.out_dir)[-1]
     arrays, meta = checkpoint.read(path)
@@ -270,6 +270,10 @@ def resume(cfg, params, opt_state):
         flags_given = ', '.join(f"--{k}={v}" for k, v in changed.items())
         raise ValueError(f"{path} was trained with {flags_given}: pass the same flags (or its "
                          "--preset) to continue it exactly")
+    model = dataclasses.asdict(model_cfg)  # what its config implies; a header may not disagree
+    if any(meta['model'].get(k, v) != v for k, v in model.items() if k not in HOW):
+        raise ValueError(f"checkpoint {path}'s model header does not match its config: it was not "
+                         "written by train.py; delete it to resume from an earlier one")
     state = shard.place(arrays, {'params': params, 'opt': opt_state})
     key = jax.random.wrap_key_data(np.array(meta['key'], np.uint32))
     print(f"resumed from {path} at step {meta['step']}")
@@ -450,7 +454,7 @@ def run(cfg):
     opt_state = jax.jit(tx.init)(params)
     step, cursor, key = 0, 0, jax.random.key(cfg.seed)
     if cfg.resume:
-        params, opt_state, step, cursor, key = resume(cfg, params, opt_state)
+        params, opt_state, step, cursor, key = resume(cfg, model_cfg, params, opt_state)
     elif cfg.init_from:
         params = hf.load(gpt2, params)
         print(f"loaded the weights of {cfg.init_from}")
