@@ -33,6 +33,13 @@ def atomic_write(path, write):
 
 
 CHECKPOINT_NAME = re.compile(r'ckpt_(\d+)\.npz')  # ckpt_0000600.npz holds step 600
+KILLED_SAVE = re.compile(r'ckpt_\d+\.npz\.\d+\.tmp')  # atomic_write's temporary, as a kill left it
+
+
+def remove_killed_saves(out_dir):  # only files named as atomic_write names them: not a user's
+    for tmp in Path(out_dir).glob('ckpt_*.tmp'):
+        if KILLED_SAVE.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
 
 
 def path_for(out_dir, step):

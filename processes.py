@@ -8,6 +8,7 @@ Needs: nothing from the other files.
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 
@@ -21,19 +22,18 @@ def start(distributed, peer_timeout, flags):
     given the same `flags` (a dict: what is trained); from here on the devices are every
     process's, and process 0 alone prints."""
     if distributed:
-        parts = [] if distributed == 'auto' else distributed.split(',')
-        numbers = [parts[0].rpartition(':')[2], *parts[1:]] if parts else []  # port, N, I
-        numbers_ok = all(n.isdecimal() for n in numbers) and int(numbers[0] if parts else 0) < 2**16
-        if len(parts) not in (0, 3) or not numbers_ok or parts and int(parts[2]) >= int(parts[1]):
+        address = re.fullmatch(r'(.+:([0-9]+)),([0-9]+),([0-9]+)', distributed)  # ASCII digits
+        port, count, index = map(int, address.groups()[1:]) if address else (0, 0, 0)
+        if distributed != 'auto' and not (address and port < 2**16 and index < count <= 2**16):
             raise ValueError(f"--distributed={distributed!r}: write auto, or HOST:PORT,N,I (a port "
-                             "below 65536, this process's id I below the count N)")
+                             "below 65536, this process's id I below the count N, N at most 65536)")
+        where = (address.group(1), count, index) if address else ()
         timer = threading.Timer(peer_timeout, not_all_joined, args=(peer_timeout,))
         timer.daemon = True
         timer.start()
         later = peer_timeout + 60  # JAX's timeouts: after ours
         try:
-            jax.distributed.initialize(*parts[:1], *(int(p) for p in parts[1:]),
-                                       initialization_timeout=later,
+            jax.distributed.initialize(*where, initialization_timeout=later,
                                        heartbeat_timeout_seconds=later)
         except ValueError as e:  # auto outside a cluster JAX knows
             raise ValueError(f"--distributed={distributed}: {e} (auto finds SLURM and TPU "

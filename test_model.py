@@ -1308,10 +1308,12 @@ def test_half_written_checkpoint_leaves_the_previous_one(corpus, tmp_path):
     # a kill during a save leaves the temporary file half written; it is never the newest checkpoint
     half = (tmp_path / 'ckpt_0000012.npz').read_bytes()
     (tmp_path / 'ckpt_0000012.npz').unlink()
-    (tmp_path / 'ckpt_0000012.npz.tmp').write_bytes(half[:len(half) // 2])
+    (tmp_path / 'ckpt_0000012.npz.4242.tmp').write_bytes(half[:len(half) // 2])
+    (tmp_path / 'ckpt_notes.tmp').write_text("a user's file, named like one")
     r = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=12', '--eval_interval=4',
             '--resume')
     assert r.returncode == 0 and 'ckpt_0000008.npz at step 8' in r.stdout, r.stderr
+    assert sorted(p.name for p in tmp_path.glob('*.tmp')) == ['ckpt_notes.tmp']  # its space freed
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -1455,6 +1457,10 @@ BAD = {  # flags -> what the one-line message must say
     'pruning everything': (['--out_dir={fresh}', '--prune=1'], '--prune=1.0 must be in [0, 1)'),
     'no pruning interval': (['--out_dir={fresh}', '--prune=0.5', '--prune_interval=0'],
                             '--prune_interval=0 must be in [1, 2**24]'),
+    'process count beyond C++ int': (['--out_dir={fresh}', '--distributed=localhost:1234,' +
+                                      '9' * 20 + ',0'], 'N at most 65536'),
+    'port in full-width digits': (['--out_dir={fresh}', '--distributed=localhost:\uff11\uff12,1,0'],
+                                  "write auto, or HOST:PORT,N,I"),
     'process id beyond the count': (['--out_dir={fresh}', '--distributed=localhost:1234,2,5'],
                                     'id I below the count N'),
     'profile without bench': (['--out_dir={fresh}', '--profile={fresh}/trace'],
@@ -1493,6 +1499,7 @@ def bad_inputs(tmp_path, trained):
     corrupt = tmp_path / 'corrupt'
     corrupt.mkdir()
     (corrupt / 'ckpt_0000004.npz').write_bytes((trained / 'ckpt_0000004.npz').read_bytes()[:5000])
+    (corrupt / 'ckpt_0000008.npz.4242.tmp').write_bytes(b'a killed save: kept until the next one')
     ids = np.arange(2 * 10**6, dtype=np.uint16) % 200
     ids[-1] = 300  # beyond the byte tokenizer's 256, after the first million tokens
     for name, train_bin in (('odd_bins', b'abc'), ('empty_bins', b''), ('late_bins', ids)):

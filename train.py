@@ -250,8 +250,6 @@ def claim_out_dir(cfg):
                          f"{owner or 'of process 0'}): let it finish, stop it, or pass another "
                          "--out_dir")
     check_inputs(cfg)  # again, now that the folder is ours: a run may have saved there meanwhile
-    for tmp in Path(cfg.out_dir).glob('ckpt_*.tmp') if lock else []:  # a killed save's
-        tmp.unlink()
     return lock
 
 
@@ -342,6 +340,7 @@ def save_checkpoint(cfg, model_cfg, lock, replacing, params, opt_state, step, cu
     if not lock:
         return path
     try:
+        checkpoint.remove_killed_saves(cfg.out_dir)  # their space is needed now
         checkpoint.save(path, arrays, meta)
     except OSError as e:  # an --overwrite run's first save: the old run is still the folder's
         newest = (checkpoint.in_folder(cfg.out_dir) or ['none'])[-1]
