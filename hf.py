@@ -201,12 +201,17 @@ def export(folder, params, cfg, tokenizer, eot):
                   n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
                   vocab_size=cfg.vocab_size, bos_token_id=eot, eos_token_id=eot,
                   jaxgpt_tokenizer=tokenizer)  # which of data.py's tokenizers it reads
-    try:  # config.json first: if it cannot be written, nothing is
-        if Path(folder).is_file():
-            raise NotADirectoryError(20, 'a file, not a folder')
-        atomic_write(Path(folder) / 'config.json',
-                     lambda f: f.write(json.dumps(config, indent=2).encode()))
-        write_safetensors(Path(folder) / 'model.safetensors', to_hf(params, cfg))
-    except OSError as e:
+    folder = Path(folder)
+    if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+        raise ValueError(f"--export={folder} exists and is not an empty folder: name a new one "
+                         "(an export replaces nothing)")
+    written = [folder / 'model.safetensors', folder / 'config.json']
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_safetensors(written[0], to_hf(params, cfg))
+        atomic_write(written[1], lambda f: f.write(json.dumps(config, indent=2).encode()))
+    except OSError as e:  # a full disk: no half of a pair left behind
+        for path in written if folder.is_dir() else []:
+            path.unlink(missing_ok=True)
         raise ValueError(f"--export={folder} cannot be written ({e.strerror}): choose another "
                          "folder") from None

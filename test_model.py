@@ -1238,6 +1238,25 @@ def test_resume_past_a_damaged_metrics_log(corpus, tmp_path):
     assert steps == list(range(1, 9))
 
 
+def test_export_replaces_nothing(corpus, trained, tmp_path):
+    """--export writes a new (or empty) folder and refuses one that holds files, with one line; an
+    export the disk refuses (a limit on file size stands in) leaves no half of the pair behind."""
+    export = ('sample.py', corpus, f'--out_dir={trained}', f'--export={tmp_path}/a')
+    assert cli(*export).returncode == 0
+    before = snapshot(tmp_path)
+    r = cli(*export)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert 'is not an empty folder' in r.stderr and snapshot(tmp_path) == before
+    small_disk = ('import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, '
+                  'signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); '
+                  'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+    r = subprocess.run([sys.executable, '-c', small_disk, str(HERE / 'sample.py'),
+                        f'--out_dir={trained}', f'--export={tmp_path}/b'], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=''))
+    assert r.returncode == 1 and 'cannot be written (File too large)' in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and list((tmp_path / 'b').iterdir()) == []
+
+
 def test_full_disk_one_line_previous_checkpoint_kept(corpus, tmp_path):
     """A save that the disk refuses (a limit on file size stands in for a full disk) stops the run
     with one line; its temporary file is gone and the previous checkpoint is still the newest. An
