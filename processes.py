@@ -44,8 +44,8 @@ def start(distributed, peer_timeout, flags):
         if (digests != digests[0]).any():  # a different seed would train unnoticed
             raise ValueError("the processes were given different flags: give every process the "
                              "same, but for --distributed's id")
-    if jax.process_index():  # every process computes; process 0 alone prints and writes
-        sys.stdout = open(os.devnull, 'w')
+        if jax.process_index():  # every process computes; process 0 alone prints and writes
+            sys.stdout = open(os.devnull, 'w')
 
 
 def not_all_joined(timeout):  # the timer's end: one line, and this process exits

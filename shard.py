@@ -31,9 +31,17 @@ from jax.sharding import PartitionSpec as P
 from model import GPT
 
 
+def all_devices():  # jax.devices(), or one line where JAX_PLATFORMS or XLA_FLAGS ask the impossible
+    try:
+        return jax.devices()
+    except (RuntimeError, AssertionError) as e:  # no such platform here, or 0 CPU devices
+        raise ValueError(f"JAX could not start a backend ({str(e)[:150] or 'none found'}): check "
+                         "the JAX_PLATFORMS and XLA_FLAGS this was run with") from None
+
+
 def make_mesh(spec, devices=None):
     """'data=4,model=2' -> a 4x2 mesh. '' puts every device on the data axis."""
-    devices = jax.devices() if devices is None else devices
+    devices = all_devices() if devices is None else devices
     sizes = {'data': 1, 'model': 1} if spec else {'data': len(devices), 'model': 1}
     seen = []
     for part in filter(None, spec.split(',')):

@@ -1238,6 +1238,17 @@ def test_resume_past_a_damaged_metrics_log(corpus, tmp_path):
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.parametrize('script', ['train.py', 'sample.py'])
+def test_impossible_backend_one_line(script, tmp_path):
+    """An environment that asks JAX for what cannot be (here: zero CPU devices) gets one line."""
+    no_devices = '--xla_force_host_platform_device_count=0'
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=no_devices)
+    r = subprocess.run([sys.executable, str(HERE / script), f'--out_dir={tmp_path}/out'], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert 'JAX could not start a backend' in r.stderr and not (tmp_path / 'out').exists()
+
+
 def test_export_replaces_nothing(corpus, trained, tmp_path):
     """--export writes a new (or empty) folder and refuses one that holds files, with one line; an
     export the disk refuses (a limit on file size stands in) leaves no half of the pair behind."""
@@ -1495,6 +1506,10 @@ BAD = {  # flags -> what the one-line message must say
     'memory profile onto a checkpoint': (['--resume', '--max_iters=4',
                                           '--memory_profile={trained}/ckpt_0000004.npz'],
                                          'name a new file in a folder that exists'),
+    'memory profile named as a folder': (['--out_dir={fresh}', '--memory_profile={fresh}/'],
+                                         'name a new file in a folder that exists'),
+    'memory profile name too long': (['--out_dir={fresh}', '--memory_profile=' + 'x' * 300],
+                                     'name a new file in a folder that exists'),
     'checkpoint copied under a later name': (['--out_dir={copied}', '--resume', '--max_iters=4'],
                                              'holds step 4, not its name'),
     'dropout resumed with other micro-batches': (['--out_dir={dropout_run}', '--resume',

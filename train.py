@@ -187,14 +187,18 @@ def check_inputs(cfg):
         except OSError as e:
             raise ValueError(f"--profile={cfg.profile} cannot be made ({e.strerror}): choose "
                              "another folder") from None
-    folder = os.path.dirname(os.path.abspath(cfg.memory_profile))
-    if cfg.memory_profile and (os.path.lexists(cfg.memory_profile) or not os.path.isdir(folder)):
+    try:  # made and removed now: a name that cannot be a new file fails before any work
+        if cfg.memory_profile:
+            open(cfg.memory_profile, 'x').close()
+            os.unlink(cfg.memory_profile)
+    except OSError:
         raise ValueError(f"--memory_profile={cfg.memory_profile}: name a new file in a folder that "
-                         "exists (it overwrites nothing)")
+                         "exists (it overwrites nothing)") from None
     return tok
 
 
 def check_devices(cfg, tok):  # the checks that need the devices, and the defaults they set
+    shard.all_devices()
     if not cfg.dtype:
         cfg.dtype, why = perf.default_dtype(jax.default_backend(), perf.cpu_features())
         print(f"{cfg.dtype} compute: {why} (--dtype to choose)")
@@ -507,8 +511,10 @@ def main(argv):
     except KeyboardInterrupt:
         problem = "stopped by a signal outside the loop: every checkpoint saved is whole"
     except OSError as e:  # the outside world: a full disk, a file that cannot be opened
-        problem = (f"{e.strerror}: {e.filename}: fix the path, or free some space, then run again "
-                   "(with --resume to continue)")
+        where = e.filename or f'a file in {cfg.out_dir}/'  # a write's error names no file
+        then = ' (with --resume to continue)' if checkpoint.in_folder(cfg.out_dir) else ''
+        problem = f"{e.strerror}: {where}: fix the path, or free some space, then run again{then}"
+
     except jax.errors.JaxRuntimeError as e:
         if 'RESOURCE_EXHAUSTED' in str(e):
             problem = ("out of device memory: make the model, --batch_size or --block_size "
