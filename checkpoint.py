@@ -4,6 +4,7 @@ of metrics kept in step with them, and the lock that keeps one run per folder.
 
 Needs: nothing from the other files.
 """
+import errno
 import fcntl
 import json
 import os
@@ -183,6 +184,9 @@ def lock(folder):
         f.write(str(os.getpid()))
         f.flush()
     except OSError as e:  # a lock that is a link to a device, a folder, on a full disk
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ValueError(f"{folder}/lock cannot be written ({e.strerror}): free some space, "
+                             "or pass another --out_dir") from None
         raise ValueError(f"{folder}/lock cannot be used as a lock ({e.strerror}): delete it (a "
                          "lock no live run holds is safe to delete) or pass another --out_dir")
     return f, None

@@ -42,7 +42,7 @@ class SampleConfig:
     start: str = flag('\n', 'the prompt, or FILE:path to read it from a file')
     num_samples: int = flag(2, 'samples drawn side by side', within='[1, inf)')
     max_new_tokens: int = flag(300, 'tokens to draw per sample', within='[0, 2**31)')
-    temperature: float = flag(0.8, 'below 1 sharper, above 1 wilder, 0 greedy', within='[0, inf)')
+    temperature: float = flag(0.8, 'below 1 sharper, above 1 wilder, 0 greedy', within='[0, 1e6]')
     top_k: int = flag(200, 'keep the k most likely tokens; 0 keeps all', within='[0, inf)')
     top_p: float = flag(1.0, 'keep the fewest likeliest tokens holding top_p', within='(0, 1]')
     seed: int = flag(1337, 'seeds the draws', within='[0, 2**63)')
@@ -57,9 +57,10 @@ class SampleConfig:
 
 # --- the next token -------------------------------------------------------------------------------
 def pick(logits, key, temperature, top_k, top_p):
-    """(N, vocab) float32 logits -> (N,) next ids. temperature 0 is greedy; top_k keeps the k most
-    likely tokens (0: all); top_p keeps the fewest whose probabilities add up to top_p (nucleus)."""
-    if temperature == 0:
+    """(N, vocab) float32 logits -> (N,) next ids. temperature 0 is greedy (and below 1e-6, where
+    logits / temperature would overflow float32); top_k keeps the k most likely tokens (0: all);
+    top_p keeps the fewest whose probabilities add up to top_p (nucleus)."""
+    if temperature < 1e-6:
         return jnp.argmax(logits, -1)
     logits = logits / temperature
     if top_k:

@@ -786,8 +786,10 @@ def test_top_k_and_top_p_stay_in_their_set():
         drawn = np.asarray(pick(logits, keys, 1.0, top_k, top_p))  # (500, 4)
         for i in range(4):
             assert set(drawn[:, i]) <= allowed[i] and len(set(drawn[:, i])) > 1
-    # temperature 0
-    np.testing.assert_array_equal(sample.pick(logits, None, 0, 0, 1.0), ranked[:, 0])
+    # temperature 0 is greedy, and so is one too small to divide by (1e-320 is 0 in float32)
+    for temperature in (0, 1e-320, 1e-7):
+        np.testing.assert_array_equal(sample.pick(logits, keys[0], temperature, 0, 1.0),
+                                      ranked[:, 0])
 
 
 @pytest.mark.parametrize('spec', ['data=1,model=1', 'data=4,model=2'])
@@ -1477,6 +1479,8 @@ BAD = {  # flags -> what the one-line message must say
     'checkpoint of step -7': (['--out_dir={step_minus_7}', '--resume'], 'no valid step'),
     'checkpoint without a cursor': (['--out_dir={no_cursor}', '--resume'], 'no valid cursor'),
     'metrics.jsonl a folder': (['--out_dir={metrics_folder}', '--resume'], 'is a folder'),
+    'metrics.jsonl a link out of out_dir': (['--out_dir={metrics_link}', '--max_iters=4'],
+                                            'a device or a link'),
     'port out of range': (['--out_dir={fresh}', '--distributed=localhost:99999,2,0'],
                           'a port below 65536'),
     'negative window': (['--out_dir={fresh}', '--window=-1'], '--window=-1 must be in [0, 2**24]'),
@@ -1584,6 +1588,8 @@ def bad_inputs(tmp_path, trained):
     (tmp_path / 'lock_link' / 'lock').symlink_to(tmp_path / 'lock_link' / 'ckpt_0000004.npz')
     (tmp_path / 'ckpt_fifo').mkdir()
     os.mkfifo(tmp_path / 'ckpt_fifo' / 'ckpt_0000004.npz')
+    (tmp_path / 'metrics_link').mkdir()
+    (tmp_path / 'metrics_link' / 'metrics.jsonl').symlink_to(tmp_path / 'file')  # a user's file
     (tmp_path / 'metrics_folder' / 'metrics.jsonl').mkdir(parents=True)
     checkpoint.save(tmp_path / 'metrics_folder' / 'ckpt_0000004.npz', arrays, meta)
     names = ['empty', 'tiny', 'short']

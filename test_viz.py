@@ -202,6 +202,8 @@ def test_block_layouts_cover_each_weight():
     (['attention', '{tmp}'], 'no checkpoint in'),
     (['memory', '--rows=9'], '--rows'),
     (['mesh', '--model=gpt9'], 'is not one of'),
+    (['mesh', '--out='], 'name a .png file'),
+    (['mesh', '--out={tmp}'], 'name a .png file'),
 ])
 def test_bad_input_gets_one_line(tmp_path, argv, says):
     (tmp_path / 'garbage').mkdir()
@@ -211,6 +213,18 @@ def test_bad_input_gets_one_line(tmp_path, argv, says):
         viz.main(argv)
     message = str(stop.value.code)
     assert message.startswith('viz.py') and says in message and '\n' not in message
+
+
+def test_rows_no_float_holds_are_skipped(tmp_path):
+    """Numbers a float cannot hold (a 400-digit step, tokens or val_loss; a zero ms_per_step) are
+    not well formed: skipped, as a cut line is, and the picture is drawn."""
+    write_metrics(tmp_path)
+    huge = '1' + '0' * 400
+    with open(tmp_path / 'metrics.jsonl', 'a') as f:
+        f.write(f'\n{{"step": {huge}, "loss": 4.0}}\n{{"step": 1, "tokens": {huge}}}\n'
+                f'{{"step": 2, "val_loss": {huge}}}\n{{"step": 3, "ms_per_step": 0}}\n')
+    viz.main(['loss', str(tmp_path), f'--out={tmp_path}/loss.png'])
+    assert (tmp_path / 'loss.png').stat().st_size > 1000
 
 
 def test_missing_matplotlib_one_line_no_traceback(tmp_path):

@@ -237,10 +237,11 @@ def claim_out_dir(cfg):
     time). -> the lock, or None for processes but 0, --bench and --eval_only (no writes)."""
     if cfg.bench or cfg.eval_only:
         return None
-    metrics = os.path.join(cfg.out_dir, 'metrics.jsonl')
-    if os.path.exists(metrics) and not os.path.isfile(metrics):
-        raise ValueError(f"{metrics} is a folder or a device, not the log train.py keeps there: "
-                         "move it away")
+    for name in ('metrics.jsonl', 'metrics.jsonl.next'):  # a link: its target would be written
+        metrics = os.path.join(cfg.out_dir, name)
+        if os.path.lexists(metrics) and (os.path.islink(metrics) or not os.path.isfile(metrics)):
+            raise ValueError(f"{metrics} is a folder, a device or a link, not the log train.py "
+                             "keeps there: move it away")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=cfg.out_dir).close()  # can we write there? (leaves nothing)

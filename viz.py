@@ -72,7 +72,7 @@ def read_metrics(out_dir):
             row = json.loads(line)
         except (ValueError, RecursionError):  # cut short, not UTF-8, or nested too deep
             continue
-        if isinstance(row, dict) and type(row.get('step')) is int:
+        if isinstance(row, dict) and type(row.get('step')) is int and plain(row['step']):
             rows.append(row)
     if not any(isinstance(row.get('loss'), float) for row in rows):
         raise ValueError(f"{path} holds no loss yet: wait for the run's first log step "
@@ -80,15 +80,20 @@ def read_metrics(out_dir):
     return rows
 
 
+def plain(x):  # a number a float holds: not a bool, a 400-digit int or NaN
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e300
+
+
 def curves(rows):
     """metrics rows -> ({'loss', 'val_loss', 'lr', 'tokens_per_s'}: (x, y) arrays, the x axis's
     name). x is the tokens seen by that step, step x the tokens of a step (from the log rows);
     before the first log row, the step itself."""
-    logs = [r for r in rows if isinstance(r.get('tokens'), int) and r['step'] > 0]
+    logs = [r for r in rows if type(r.get('tokens')) is int and plain(r['tokens'])
+            and r['step'] > 0]
     per_step = logs[-1]['tokens'] / logs[-1]['step'] if logs else 1
 
     def points(key, value):
-        picked = [r for r in rows if isinstance(r.get(key), (int, float))]
+        picked = [r for r in rows if plain(r.get(key)) and (key != 'ms_per_step' or r[key] > 0)]
         return (np.array([r['step'] * per_step for r in picked], float),
                 np.array([value(r) for r in picked], float))
 
@@ -431,6 +436,8 @@ def main(argv):
     if takes_dirs != bool(out_dirs):
         sys.exit(f"viz.py: {name} takes {'one or more OUT_DIRs' if takes_dirs else 'no OUT_DIR'}"
                  f": usage: {USAGE}")
+    if not cfg.out.endswith('.png') or os.path.isdir(cfg.out):
+        sys.exit(f"viz.py: --out={cfg.out!r}: name a .png file to write")
     try:
         pyplot()
         import matplotlib
