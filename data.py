@@ -149,7 +149,8 @@ def split_documents(root, files):
         text, cut = texts[0][1], int(len(texts[0][1]) * 0.9)
         return [text[:cut]], [text[cut:]]
     # the first file always trains, and the last validates if no other does: never an empty side
-    is_val = [i > 0 and zlib.crc32(name.encode()) % 10 == 0 for i, (name, _) in enumerate(texts)]
+    is_val = [i > 0 and zlib.crc32(os.fsencode(name)) % 10 == 0
+              for i, (name, _) in enumerate(texts)]
     is_val[-1] = is_val[-1] or not any(is_val)
     train = [text for (_, text), val in zip(texts, is_val) if not val]
     val = [text for (_, text), val in zip(texts, is_val) if val]
@@ -171,7 +172,7 @@ def load_tokens(data, tokenizer, cache_dir):
         # the file's mtime
         digest = hashlib.sha256(tokenizer.encode())
         for p in files:
-            name, contents = str(p.relative_to(root)).encode(), p.read_bytes()
+            name, contents = os.fsencode(p.relative_to(root)), p.read_bytes()  # any name's bytes
             digest.update(name + b'\0' + hashlib.sha256(contents).digest())
     except OSError as e:
         raise DataError(f"--data={data[:200]!r} cannot be read ({e.strerror}): check the "
@@ -185,10 +186,14 @@ def load_tokens(data, tokenizer, cache_dir):
                 ids = np.concatenate([np.append(tok.encode(d), np.uint16(tok.eot)) for d in docs])
                 atomic_write(folder / f'{split}.bin', ids.tofile)  # val last: it marks done
             print(f"tokenized {len(files)} files of {data} into {folder}")
-        return [read_bin(folder / f'{split}.bin') for split in ('train', 'val')]
     except OSError as e:
         raise DataError(f"--cache_dir={cache_dir} cannot hold the tokens ({e.strerror or e}): free "
                         "some space or pass another --cache_dir") from None
+    try:
+        return [read_bin(folder / f'{split}.bin') for split in ('train', 'val')]
+    except OSError as e:  # a file of it deleted, or replaced by a folder
+        raise DataError(f"{folder} is damaged ({e.strerror}): delete it to tokenize "
+                        "again") from None
 
 
 def read_bin(path):  # a train.bin or val.bin of uint16 token ids, memory-mapped

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1249,6 +1250,22 @@ def test_impossible_backend_one_line(script, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert 'JAX could not start a backend' in r.stderr and not (tmp_path / 'out').exists()
+
+
+def test_damaged_cache_and_undecodable_names(corpus, trained, tmp_path):
+    """A token cache missing its train.bin is named, with the fix, in one line; a file whose name
+    is not UTF-8 is read like any other (its bytes are hashed)."""
+    shutil.copytree(corpus / 'cache', tmp_path / 'cache')
+    for train_bin in (tmp_path / 'cache').glob('*/train.bin'):
+        train_bin.unlink()
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}/out', f'--cache_dir={tmp_path}/cache')
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert 'is damaged (No such file or directory): delete it' in r.stderr
+    (tmp_path / 'texts').mkdir()
+    (tmp_path / 'texts' / 'a.txt').write_text((corpus / 'code.txt').read_text())
+    (tmp_path / 'texts' / os.fsdecode(b'b\xff.txt')).write_text('x = 1\n' * 2000)
+    train, val = data.load_tokens(str(tmp_path / 'texts'), 'byte', tmp_path / 'cache2')
+    assert len(train) + len(val) == len((corpus / 'code.txt').read_bytes()) + 12000 + 2
 
 
 def test_export_replaces_nothing(corpus, trained, tmp_path):
