@@ -253,12 +253,16 @@ USAGE = (f"usage: python bench.py {{{'|'.join(COMMANDS)}}}  (sampling [OUT_DIR],
 
 if __name__ == '__main__':
     name, args = (sys.argv[1:2] or [''])[0], sys.argv[2:]
-    if name not in COMMANDS or (args and name not in ('sampling', 'nanogpt')):
+    fewest, most = {'sampling': (0, 1), 'nanogpt': (1, 3)}.get(name, (0, 0))  # arguments taken
+    if name not in COMMANDS or not fewest <= len(args) <= most:
         sys.exit(USAGE)
     perf.keep_freed_memory()  # as train.py, so times compare with `train.py --bench`
     print(f"{perf.describe_cpu()}; jax {jax.__version__} on {jax.devices()[0].platform} "
           f"({jax.devices()[0].device_kind})")
     t0 = time.perf_counter()
     print(f"\n## {name}\n")
-    COMMANDS[name](*args)
+    try:
+        COMMANDS[name](*args)
+    except (ValueError, OSError, subprocess.CalledProcessError) as e:  # a path that is not one
+        sys.exit(f"bench.py {name}: {e}")
     print(f"\n({name}: {time.perf_counter() - t0:.0f} s wall)")

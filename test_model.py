@@ -1268,6 +1268,14 @@ def test_damaged_cache_and_undecodable_names(corpus, trained, tmp_path):
     assert len(train) + len(val) == len((corpus / 'code.txt').read_bytes()) + 12000 + 2
 
 
+@pytest.mark.parametrize('args, says', [(['sampling', 'out', 'extra'], 'usage:'),
+                                         (['sampling', '/no/such/run'], 'no checkpoint in')])
+def test_bench_bad_arguments_one_line(args, says):
+    r = subprocess.run([sys.executable, str(HERE / 'bench.py'), *args], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_export_replaces_nothing(corpus, trained, tmp_path):
     """--export writes a new (or empty) folder and refuses one that holds files, with one line; an
     export the disk refuses (a limit on file size stands in) leaves no half of the pair behind."""
