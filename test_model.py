@@ -1548,6 +1548,8 @@ BAD = {  # flags -> what the one-line message must say
     'checkpoint config lacking a flag': (['--out_dir={no_learning_rate}', '--resume',
                                           '--learning_rate=0.001'],
                                          '--learning_rate=0.002'),
+    'resumed on edited data': (['--out_dir={other_tokens}', '--resume', '--max_iters=4'],
+                               'was trained on other tokens than --data='),
     'header model of another vocabulary': (['--out_dir={vocab_in_padding}', '--resume',
                                             '--max_iters=4'], "model header does not match"),
 }
@@ -1604,7 +1606,8 @@ def bad_inputs(tmp_path, trained):
             ('lock_link', meta, arrays),
             ('dropout_run', {**meta, 'config': {**meta['config'], 'dropout': 0.1}}, arrays),
             ('no_learning_rate', {**meta, 'config': config}, arrays),
-            ('vocab_in_padding', {**meta, 'model': {**meta['model'], 'vocab_size': 200}}, arrays)):
+            ('vocab_in_padding', {**meta, 'model': {**meta['model'], 'vocab_size': 200}}, arrays),
+            ('other_tokens', {**meta, 'tokens_crc': [1, 2]}, arrays)):
         checkpoint.save(tmp_path / name / 'ckpt_0000004.npz', held, header)
         (tmp_path / name / 'metrics.jsonl').write_bytes((trained / 'metrics.jsonl').read_bytes())
     (tmp_path / 'copied').mkdir()

@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -258,7 +259,7 @@ def claim_out_dir(cfg):
     return lock
 
 
-def resume(cfg, model_cfg, params, opt_state):
+def resume(cfg, model_cfg, tokens_crc, params, opt_state):
     """-> params, opt_state, step, cursor, key of the newest checkpoint in out_dir."""
     path = checkpoint.in_folder(cfg.out_dir)[-1]
     arrays, meta = checkpoint.read(path)
@@ -277,6 +278,9 @@ def resume(cfg, model_cfg, params, opt_state):
     if any(meta['model'].get(k, v) != v for k, v in model.items() if k not in HOW):
         raise ValueError(f"checkpoint {path}'s model header does not match its config: it was not "
                          "written by train.py; delete it to resume from an earlier one")
+    if meta.get('tokens_crc', tokens_crc) != tokens_crc:  # an older version's has none
+        raise ValueError(f"{path} was trained on other tokens than --data={cfg.data} holds now (it "
+                         "was edited, or its cache replaced): pass the data it was trained on")
     state = shard.place(arrays, {'params': params, 'opt': opt_state})
     key = jax.random.wrap_key_data(np.array(meta['key'], np.uint32))
     print(f"resumed from {path} at step {meta['step']}")
@@ -332,7 +336,8 @@ def report_eval(cfg, eval_loss, params, batches, tok, mesh):
           f"{n_tokens:,} tokens, {n_bytes:,} bytes of text")
 
 
-def save_checkpoint(cfg, model_cfg, lock, replacing, params, opt_state, step, cursor, key):
+def save_checkpoint(cfg, model_cfg, tokens_crc, lock, replacing, params, opt_state, step, cursor,
+                    key):
     """Write out_dir/ckpt_STEP.npz, gathered from every device of every process (process 0
     writes), and keep the newest keep_checkpoints. The first save of a run that replaces an old
     one (--overwrite) deletes the old run's checkpoints, listed in `replacing`, and puts its own
@@ -340,7 +345,7 @@ def save_checkpoint(cfg, model_cfg, lock, replacing, params, opt_state, step, cu
     arrays = shard.gather({'params': params, 'opt': opt_state})
     meta = dict(step=step, cursor=cursor, key=jax.random.key_data(key).tolist(),
                 config=vars(cfg), model=dataclasses.asdict(model_cfg),
-                params_dtype=params_dtype(cfg))
+                params_dtype=params_dtype(cfg), tokens_crc=tokens_crc)
     path = checkpoint.path_for(cfg.out_dir, step)
     if not lock:
         return path
@@ -449,6 +454,7 @@ def run(cfg):
                     {k: v for k, v in vars(cfg).items() if k not in HOW})
     model_cfg, mesh = check_devices(cfg, tok)
     train_batches, val_batches = load_data(cfg, tok)
+    tokens_crc = [zlib.crc32(b.tokens) for b in (train_batches, val_batches)]  # what was trained on
     gpt2 = hf.read_weights(cfg.init_from, model_cfg) if cfg.init_from and not cfg.resume else None
     lock = claim_out_dir(cfg)
 
@@ -458,7 +464,7 @@ def run(cfg):
     opt_state = jax.jit(tx.init)(params)
     step, cursor, key = 0, 0, jax.random.key(cfg.seed)
     if cfg.resume:
-        params, opt_state, step, cursor, key = resume(cfg, model_cfg, params, opt_state)
+        params, opt_state, step, cursor, key = resume(cfg, model_cfg, tokens_crc, params, opt_state)
     elif cfg.init_from:
         params = hf.load(gpt2, params)
         print(f"loaded the weights of {cfg.init_from}")
@@ -488,7 +494,7 @@ def run(cfg):
         return
 
     evaluate = partial(mean_val_loss, eval_loss, next_val_batch=feed(val_batches, mesh), cfg=cfg)
-    save = partial(save_checkpoint, cfg, model_cfg, lock, replacing)
+    save = partial(save_checkpoint, cfg, model_cfg, tokens_crc, lock, replacing)
     log = (checkpoint.open_log(cfg.out_dir, cfg.resume, step, bool(replacing)) if lock
            else lambda **row: None)  # only the process that writes keeps metrics.jsonl
     params = train(cfg, train_step, next_batch, evaluate, save, log, speed,
