@@ -100,10 +100,11 @@ def source_files(data, cache_dir):  # --data -> (root, files), or a DataError wi
         download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
     if path.is_file():
         return path.parent, [path]
-    if path.is_dir():  # every file, but those under a hidden name (.git/, .venv/ ...)
-        def hidden(p):
-            return any(part.startswith('.') for part in p.relative_to(path).parts)
-        return path, sorted(p for p in path.rglob('*') if p.is_file() and not hidden(p))
+    if path.is_dir():  # every file, but those under a hidden name (.git/, .venv/ ...) and a
+        def skipped(p):  # run's out_dir (its lock marks it): its log is no data, and grows
+            hidden = any(part.startswith('.') for part in p.relative_to(path).parts)
+            return hidden or (p.parent / 'lock').exists()
+        return path, sorted(p for p in path.rglob('*') if p.is_file() and not skipped(p))
     files = sorted(Path(p) for p in glob.glob(data, recursive=True) if Path(p).is_file())
     if not files:
         raise DataError(f"--data={data!r}: no regular file, folder or glob match of that name: "

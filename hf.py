@@ -48,8 +48,9 @@ def read_safetensors(path):
             raise ValueError("its header is not a JSON object")
         raw = np.memmap(path, np.uint8, 'r', offset=8 + n)  # read from disk as each is used
         spans = sorted(tuple(e['data_offsets']) for k, e in header.items() if k != '__metadata__')
-        if any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or spans and spans[-1][1] > raw.size:
-            raise ValueError("its tensors' bytes overlap, leave gaps or run past its end")
+        ends = [0] + [end for _, end in spans]  # each span starts where the one before ended
+        if [start for start, _ in spans] != ends[:-1] or ends[-1] != raw.size:
+            raise ValueError("its tensors' bytes overlap, leave gaps or do not end at its end")
         out = {}
         for name, entry in header.items():
             if name == '__metadata__':

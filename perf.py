@@ -183,6 +183,7 @@ def benchmark(train_step, params, opt_state, next_batch, key, speed, flops_per_s
         print(f"device memory of the compiled step: {temp + args:.2f} GiB ({temp:.2f} GiB "
               "temporary, the rest params, optimizer state, batch)")
     if profile:
+        os.makedirs(profile, exist_ok=True)  # train.py checked it can be
         jax.profiler.start_trace(profile)
         timed_steps(train_step, params, opt_state, next_batch, key, 0, 3)
         jax.profiler.stop_trace()

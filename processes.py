@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import threading
 
@@ -28,6 +29,8 @@ def start(distributed, peer_timeout, flags):
             raise ValueError(f"--distributed={distributed!r}: write auto, or HOST:PORT,N,I (a port "
                              "below 65536, this process's id I below the count N, N at most 65536)")
         where = (address.group(1), count, index) if address else ()
+        if address and index == 0:  # it serves PORT: one in use would crash JAX's service
+            check_free(port, distributed)
         timer = threading.Timer(peer_timeout, not_all_joined, args=(peer_timeout,))
         timer.daemon = True
         timer.start()
@@ -46,6 +49,16 @@ def start(distributed, peer_timeout, flags):
                              "same, but for --distributed's id")
         if jax.process_index():  # every process computes; process 0 alone prints and writes
             sys.stdout = open(os.devnull, 'w')
+
+
+def check_free(port, distributed):  # bound and let go at once, as JAX's service will bind it
+    ipv6 = socket.has_dualstack_ipv6()
+    try:
+        socket.create_server(('', port), family=socket.AF_INET6 if ipv6 else socket.AF_INET,
+                             dualstack_ipv6=ipv6).close()
+    except OSError as e:
+        raise ValueError(f"--distributed={distributed}: process 0 cannot serve port {port} "
+                         f"({os.strerror(e.errno)}): pass another port to every process") from None
 
 
 def not_all_joined(timeout):  # the timer's end: one line, and this process exits

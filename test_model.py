@@ -653,6 +653,11 @@ def test_dataset_split_and_cache(tmp_path):
     (folder / 'doc3.txt').write_text('edited')  # a changed file makes a new cache
     data.load_tokens(str(folder), 'byte', tmp_path / 'cache')
     assert len(list((tmp_path / 'cache').iterdir())) == 2
+    (folder / 'out').mkdir()  # a run's out_dir inside the data: not data (its log grows)
+    for name in ('lock', 'metrics.jsonl'):
+        (folder / 'out' / name).write_text('{"step": 1, "loss": 5.0}\n')
+    data.load_tokens(str(folder), 'byte', tmp_path / 'cache')
+    assert len(list((tmp_path / 'cache').iterdir())) == 2  # the same files: the same cache
     texts = [data.ByteTokenizer().decode(t).split('<|endoftext|>')[:-1] for t in (train_a, val_a)]
     assert len(texts[0]) + len(texts[1]) == 30 and len(texts[1]) >= 1  # whole documents each side
     assert not set(texts[0]) & set(texts[1])
@@ -1276,6 +1281,17 @@ def test_bench_bad_arguments_one_line(args, says):
     assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_port_in_use_one_line(corpus, tmp_path):
+    """Process 0 serves --distributed's port; one in use is said before JAX's service crashes."""
+    taken = socket.create_server(('', 0))
+    port = taken.getsockname()[1]
+    r = cli('train.py', corpus, f'--out_dir={tmp_path}/out', f'--distributed=localhost:{port},1,0')
+    taken.close()
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f'cannot serve port {port} (Address already in use)' in r.stderr
+    assert not (tmp_path / 'out').exists()
+
+
 def test_export_replaces_nothing(corpus, trained, tmp_path):
     """--export writes a new (or empty) folder and refuses one that holds files, with one line; an
     export the disk refuses (a limit on file size stands in) leaves no half of the pair behind."""
@@ -1390,10 +1406,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])  # pre-emption, and Ctrl-C
 def test_signal_saves_and_exits_cleanly(sig, corpus, tmp_path):
-    # log_interval 1000: the signal lands between log lines; eval_iters 10**6: an evaluation would
-    # take hours, so the run must save and exit without one
+    # log_interval 10**5: the run stops after the current step, not at a log step minutes later;
+    # eval_iters 10**6: an evaluation would take hours, so the run must save and exit without one
     p = cli('train.py', corpus, f'--out_dir={tmp_path}', '--max_iters=100000',
-            '--eval_interval=100000', '--log_interval=1000', '--eval_iters=1000000', wait=False)
+            '--eval_interval=100000', '--log_interval=100000', '--eval_iters=1000000', wait=False)
     while p.poll() is None and 'compiled the training step' not in p.stdout.readline():
         pass
     time.sleep(1)
@@ -1499,6 +1515,8 @@ BAD = {  # flags -> what the one-line message must say
                                     'more than the file holds'),
     'safetensors tensors sharing bytes': (['--out_dir={fresh}', '--init_from={hf_overlap}'],
                                           "tensors' bytes overlap"),
+    'safetensors with trailing bytes': (['--out_dir={fresh}', '--init_from={hf_trailing}'],
+                                        'do not end at its end'),
     'GPT-2 weights with NaN': (['--out_dir={fresh}', '--init_from={hf_nan}'],
                                'holds NaN or infinite values'),
     'checkpoint of step -7': (['--out_dir={step_minus_7}', '--resume'], 'no valid step'),
@@ -1525,7 +1543,9 @@ BAD = {  # flags -> what the one-line message must say
     'profile without bench': (['--out_dir={fresh}', '--profile={fresh}/trace'],
                               '--profile traces --bench'),
     'profile folder that cannot be': (['--out_dir={fresh}', '--bench', '--profile={file}/trace'],
-                                      'trace cannot be made (Not a directory)'),
+                                      'trace cannot be made there (Not a directory)'),
+    'profile of a run refused later': (['--out_dir={fresh}', '--bench', '--profile={fresh}/trace',
+                                        '--data=/no/such/file.txt'], 'no regular file'),
     'checkpoint of another dtype': (['--out_dir={float64_wte}', '--resume', '--max_iters=4'],
                                     "['params']['wte'].value is float64[256, 32]"),
     'checkpoint with NaN weights': (['--out_dir={nan_wte}', '--resume', '--max_iters=4'],
@@ -1573,13 +1593,15 @@ def bad_inputs(tmp_path, trained):
         (tmp_path / name / 'val.bin').write_bytes(ids[:10**4].tobytes())
     byte_gpt2 = dataclasses.replace(HF_CFG, vocab_size=256)
     for name in ('hf_no_heads', 'hf_list', 'hf_huge_header', 'hf_nan', 'hf_huge_context',
-                 'hf_fifo', 'hf_overlap'):
+                 'hf_fifo', 'hf_overlap', 'hf_trailing'):
         t = hf_folder(tmp_path / name, byte_gpt2)
         config = json.loads((tmp_path / name / 'config.json').read_text())
         (tmp_path / name / 'config.json').write_text(json.dumps(
             [config] if name == 'hf_list' else
             {**config, 'jaxgpt_tokenizer': 'byte', 'n_head': 0 if name == 'hf_no_heads' else 4,
              'n_positions': 10**30 if name == 'hf_huge_context' else config['n_positions']}))
+    with open(tmp_path / 'hf_trailing' / 'model.safetensors', 'ab') as f:
+        f.write(bytes(1000))  # bytes no tensor owns
     (tmp_path / 'hf_fifo' / 'model.safetensors').unlink()
     os.mkfifo(tmp_path / 'hf_fifo' / 'model.safetensors')
     raw = (tmp_path / 'hf_huge_header' / 'model.safetensors').read_bytes()

@@ -183,11 +183,13 @@ def check_inputs(cfg):
     if cfg.profile and not cfg.bench:
         raise ValueError("--profile traces --bench's steps: add --bench, or drop --profile")
     if cfg.profile:  # the trace is written after the steps: a folder that cannot be, fails now
-        try:
-            os.makedirs(cfg.profile, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--profile={cfg.profile} cannot be made ({e.strerror}): choose "
-                             "another folder") from None
+        there = Path(os.path.abspath(cfg.profile))
+        while not there.exists():  # made by the trace, under the nearest folder that exists
+            there = there.parent
+        if not (there.is_dir() and os.access(there, os.W_OK)):
+            why = 'Not a directory' if not there.is_dir() else 'Permission denied'
+            raise ValueError(f"--profile={cfg.profile}: the trace cannot be made there ({why}): "
+                             "choose another folder")
     try:  # made and removed now: a name that cannot be a new file fails before any work
         if cfg.memory_profile:
             open(cfg.memory_profile, 'x').close()
@@ -384,8 +386,9 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
           cursor, key):
     """The loop, from `step` to max_iters, one compiled step per batch: every log_interval the
     losses are read back, checked, logged; every eval_interval (and at the end) an evaluation and
-    a checkpoint. SIGTERM or Ctrl-C: at the next log step, check, save and return None, without
-    evaluating (a pre-empted job has seconds). -> the params at max_iters."""
+    a checkpoint. SIGTERM or Ctrl-C: after the current step, check, save and return None, without
+    evaluating (a pre-empted job has seconds); with other processes, at the next log step, where
+    they all meet. -> the params at max_iters."""
     stop = []  # the signal handlers' flag
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
@@ -401,7 +404,9 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
         if step == first_step + 1 and cfg.memory_profile:  # all the loop keeps is live by now
             jax.profiler.save_device_memory_profile(cfg.memory_profile)
         at_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
-        if not (at_eval or step % cfg.log_interval == 0):
+        # a signal: alone, stop after this step; with other processes, where they all meet
+        stop_now = stop and jax.process_count() == 1
+        if not (at_eval or step % cfg.log_interval == 0 or stop_now):
             continue
         # never save unchecked losses; all processes agree to stop here, where they wait anyway
         stopping = process_allgather(np.int32(len(stop))).max() > 0
