@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import ml_dtypes
@@ -156,8 +157,8 @@ def open_log(folder, resume, step, replacing):
 def holder(folder):
     """The pid of another live process that holds folder/lock, else None. Reads, writes nothing:
     for the checks before a run takes the lock itself."""
-    try:
-        f = os.fdopen(os.open(Path(folder) / 'lock', os.O_RDONLY | os.O_NOFOLLOW))
+    try:  # never waiting on a FIFO
+        f = os.fdopen(os.open(Path(folder) / 'lock', os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK))
     except OSError:  # no lock file: no run
         return None
     with f:
@@ -174,7 +175,11 @@ def lock(folder):
     dies, even by kill -9: never stale). -> (the open file, to keep, None), or (None, the pid of
     the process that holds it)."""
     try:  # never through a link: the pid would be written into whatever it points at
-        f = os.fdopen(os.open(Path(folder) / 'lock', os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW), 'r+')
+        fd = os.open(Path(folder) / 'lock', os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device
+            os.close(fd)
+            raise OSError(errno.EINVAL, 'not a regular file')
+        f = os.fdopen(fd, 'r+')
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -100,10 +100,12 @@ def source_files(data, cache_dir):  # --data -> (root, files), or a DataError wi
         download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
     if path.is_file():
         return path.parent, [path]
-    if path.is_dir():  # every file, but those under a hidden name (.git/, .venv/ ...) and a
-        def skipped(p):  # run's out_dir (its lock marks it): its log is no data, and grows
+    if path.is_dir():  # every file, but those under a hidden name (.git/, .venv/ ...), the cache
+        cache = Path(cache_dir).resolve()  # and a run's out_dir (its lock marks it): both grow
+
+        def skipped(p):
             hidden = any(part.startswith('.') for part in p.relative_to(path).parts)
-            return hidden or (p.parent / 'lock').exists()
+            return hidden or (p.parent / 'lock').exists() or cache in p.resolve().parents
         return path, sorted(p for p in path.rglob('*') if p.is_file() and not skipped(p))
     files = sorted(Path(p) for p in glob.glob(data, recursive=True) if Path(p).is_file())
     if not files:

@@ -25,9 +25,10 @@ def start(distributed, peer_timeout, flags):
     if distributed:
         address = re.fullmatch(r'(.+:([0-9]+)),([0-9]+),([0-9]+)', distributed)  # ASCII digits
         port, count, index = map(int, address.groups()[1:]) if address else (0, 0, 0)
-        if distributed != 'auto' and not (address and port < 2**16 and index < count <= 2**16):
+        if distributed != 'auto' and not (address and 0 < port < 2**16 and index < count <= 2**16):
             raise ValueError(f"--distributed={distributed!r}: write auto, or HOST:PORT,N,I (a port "
-                             "below 65536, this process's id I below the count N, N at most 65536)")
+                             "from 1 to 65535, this process's id I below the count N, N at most "
+                             "65536)")
         where = (address.group(1), count, index) if address else ()
         if address and index == 0:  # it serves PORT: one in use would crash JAX's service
             check_free(port, distributed)

@@ -16,6 +16,7 @@ Needs: model.py (GPTConfig), shard.py (mesh, params), checkpoint.py (reading one
 """
 import codecs
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,8 @@ def read_prompt(start):  # --start: the prompt, or FILE:path
 
 
 def main(argv):
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `sample.py | head`: end quietly, as tools do
+    sys.stdout.reconfigure(errors='replace')  # a terminal that is not UTF-8 gets '?', not a crash
     cfg = flags.parse('sample.py', argv, SampleConfig())
     try:
         mesh = shard.make_mesh(cfg.mesh)

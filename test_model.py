@@ -658,6 +658,9 @@ def test_dataset_split_and_cache(tmp_path):
         (folder / 'out' / name).write_text('{"step": 1, "loss": 5.0}\n')
     data.load_tokens(str(folder), 'byte', tmp_path / 'cache')
     assert len(list((tmp_path / 'cache').iterdir())) == 2  # the same files: the same cache
+    for _ in range(2):  # a cache inside the data: not data either
+        data.load_tokens(str(folder), 'byte', folder / 'cache')
+    assert len(list((folder / 'cache').iterdir())) == 1
     texts = [data.ByteTokenizer().decode(t).split('<|endoftext|>')[:-1] for t in (train_a, val_a)]
     assert len(texts[0]) + len(texts[1]) == 30 and len(texts[1]) >= 1  # whole documents each side
     assert not set(texts[0]) & set(texts[1])
@@ -1292,6 +1295,29 @@ def test_port_in_use_one_line(corpus, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('script', ['train.py', 'sample.py'])
+def test_closed_output_ends_quietly(script, corpus, trained, tmp_path):
+    """`| head`: sample.py ends as Unix tools do (SIGPIPE, no word); train.py, which was training,
+    says so in one line. And a terminal that is not UTF-8 gets its text, not a traceback."""
+    out = tmp_path / 'out' if script == 'train.py' else trained
+    long_run = (['--max_iters=100000', '--eval_interval=100000'] if script == 'train.py'
+                else ['--max_new_tokens=100000'])
+    p = cli(script, corpus, f'--out_dir={out}', *long_run, wait=False)
+    p.stdout.readline()
+    p.stdout.close()  # the reader ends
+    err = p.stderr.read()
+    p.wait(timeout=300)
+    if script == 'sample.py':
+        assert p.returncode == -signal.SIGPIPE and err == ''
+        env = dict(os.environ, PYTHONIOENCODING='ascii')
+        r = subprocess.run([sys.executable, str(HERE / script), f'--out_dir={out}',
+                            '--max_new_tokens=50'], env=env, capture_output=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    else:
+        assert p.returncode == 1 and err.strip().splitlines() == [
+            'train.py: its output was closed (a pipe\'s reader ended): run again'], err
+
+
 def test_export_replaces_nothing(corpus, trained, tmp_path):
     """--export writes a new (or empty) folder and refuses one that holds files, with one line; an
     export the disk refuses (a limit on file size stands in) leaves no half of the pair behind."""
@@ -1525,7 +1551,8 @@ BAD = {  # flags -> what the one-line message must say
     'metrics.jsonl a link out of out_dir': (['--out_dir={metrics_link}', '--max_iters=4'],
                                             'a device or a link'),
     'port out of range': (['--out_dir={fresh}', '--distributed=localhost:99999,2,0'],
-                          'a port below 65536'),
+                          'a port from 1 to 65535'),
+    'port 0': (['--out_dir={fresh}', '--distributed=localhost:0,1,0'], 'a port from 1 to 65535'),
     'negative window': (['--out_dir={fresh}', '--window=-1'], '--window=-1 must be in [0, 2**24]'),
     'unknown positions': (['--out_dir={fresh}', '--pos=alibi'],
                           "--pos='alibi' is not one of learned, rope"),
@@ -1568,6 +1595,16 @@ BAD = {  # flags -> what the one-line message must say
     'checkpoint config lacking a flag': (['--out_dir={no_learning_rate}', '--resume',
                                           '--learning_rate=0.001'],
                                          '--learning_rate=0.002'),
+    'a lock that is a FIFO, a new run': (['--out_dir={lock_fifo}', '--max_iters=4'],
+                                         'already holds checkpoints'),
+    'a lock that is a FIFO, resumed': (['--out_dir={lock_fifo}', '--max_iters=4', '--resume'],
+                                       'cannot be used as a lock (not a regular file)'),
+    'params dtype changed on resume': (['--out_dir={bf16_only}', '--max_iters=4', '--resume',
+                                        '--master_weights=False'],
+                                       'was trained with --dtype=bfloat16'),
+    'evaluating untrained weights': (['--out_dir={fresh}', '--eval_only'],
+                                     'evaluates trained weights: add --resume'),
+    'empty cache_dir': (['--out_dir={fresh}', '--cache_dir='], '--cache_dir is empty'),
     'resumed on edited data': (['--out_dir={other_tokens}', '--resume', '--max_iters=4'],
                                'was trained on other tokens than --data='),
     'header model of another vocabulary': (['--out_dir={vocab_in_padding}', '--resume',
@@ -1629,13 +1666,17 @@ def bad_inputs(tmp_path, trained):
             ('dropout_run', {**meta, 'config': {**meta['config'], 'dropout': 0.1}}, arrays),
             ('no_learning_rate', {**meta, 'config': config}, arrays),
             ('vocab_in_padding', {**meta, 'model': {**meta['model'], 'vocab_size': 200}}, arrays),
-            ('other_tokens', {**meta, 'tokens_crc': [1, 2]}, arrays)):
+            ('other_tokens', {**meta, 'tokens_crc': [1, 2]}, arrays),
+            ('lock_fifo', meta, arrays),
+            ('bf16_only', {**meta, 'config': {**meta['config'], 'master_weights': False,
+                                              'dtype': 'bfloat16'}}, arrays)):
         checkpoint.save(tmp_path / name / 'ckpt_0000004.npz', held, header)
         (tmp_path / name / 'metrics.jsonl').write_bytes((trained / 'metrics.jsonl').read_bytes())
     (tmp_path / 'copied').mkdir()
     for name in ('ckpt_0000004.npz', 'ckpt_0000012.npz'):
         (tmp_path / 'copied' / name).write_bytes((trained / 'ckpt_0000004.npz').read_bytes())
     (tmp_path / 'lock_link' / 'lock').symlink_to(tmp_path / 'lock_link' / 'ckpt_0000004.npz')
+    os.mkfifo(tmp_path / 'lock_fifo' / 'lock')
     (tmp_path / 'ckpt_fifo').mkdir()
     os.mkfifo(tmp_path / 'ckpt_fifo' / 'ckpt_0000004.npz')
     (tmp_path / 'metrics_link').mkdir()

@@ -18,6 +18,7 @@ optim.py (AdamW and its schedule), checkpoint.py (the out_dir on disk), hf.py (G
 sample.py (the closing sample), perf.py (speed, --bench), processes.py (--distributed), flags.py
 (the command line).
 """
+import contextlib
 import dataclasses
 import os
 import signal
@@ -180,6 +181,11 @@ def check_inputs(cfg):
                          "another --out_dir, or --overwrite to delete them")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: drop one of them")
+    if cfg.eval_only and not (cfg.resume or cfg.init_from):  # else: untrained weights
+        raise ValueError("--eval_only evaluates trained weights: add --resume (out_dir's newest "
+                         "checkpoint) or --init_from")
+    if not cfg.cache_dir:  # Path('') is the current folder
+        raise ValueError("--cache_dir is empty: pass a folder for the tokenized text")
     if cfg.profile and not cfg.bench:
         raise ValueError("--profile traces --bench's steps: add --bench, or drop --profile")
     if cfg.profile:  # the trace is written after the steps: a folder that cannot be, fails now
@@ -270,6 +276,7 @@ def resume(cfg, model_cfg, tokens_crc, params, opt_state):
     # a flag the checkpoint lacks (an older version's, or a damaged header) had its default
     saved = {f.name: f.default for f in dataclasses.fields(Config)} | meta['config']
     how = HOW - {'grad_accum'} if cfg.dropout else HOW  # micro-batches draw their own masks
+    how = how if cfg.master_weights else how - {'dtype'}  # then also the params' dtype
     changed = {k: v for k, v in saved.items()
                if k not in how and k in vars(cfg) and v != getattr(cfg, k)}
     if changed:
@@ -526,6 +533,8 @@ def main(argv):
         where = e.filename or f'a file in {cfg.out_dir}/'  # a write's error names no file
         then = ' (with --resume to continue)' if checkpoint.in_folder(cfg.out_dir) else ''
         problem = f"{e.strerror}: {where}: fix the path, or free some space, then run again{then}"
+        if isinstance(e, BrokenPipeError):  # stdout a pipe whose reader ended (`| head`)
+            problem = f"its output was closed (a pipe's reader ended): run again{then}"
 
     except jax.errors.JaxRuntimeError as e:
         if 'RESOURCE_EXHAUSTED' in str(e):
@@ -536,7 +545,8 @@ def main(argv):
                        "then start every process again, with --resume")
         else:
             raise
-    sys.stdout.flush()
+    with contextlib.suppress(OSError):  # stdout may be the closed pipe
+        sys.stdout.flush()
     print(f"train.py: {problem}", file=sys.stderr, flush=True)
     # Skip Python's exit: its teardown can crash after a signal stopped C++ code mid-way, and
     # with other processes JAX's would wait for them (and the watchdog's line would follow).
