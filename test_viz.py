@@ -147,6 +147,8 @@ def test_attention_is_the_models_own_softmax(tmp_path, pos):
     assert np.all(maps[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)  # causal
     assert maps.max(-1).mean() > 0.5  # peaky, so the comparison below means something
     np.testing.assert_allclose(maps, numpy_attention(weights, ids[0], cfg), atol=2e-4)
+    with pytest.raises(ValueError, match='cannot read it'):  # a prompt that is not Unicode
+        viz.load_for_attention(tmp_path, os.fsdecode(b'a\xff'))
 
 
 # --- memory --------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def load_for_attention(out_dir, start):
     jax.set_mesh(mesh)
     model_cfg, graphdef, params, specs, meta = sample.load_checkpoint(out_dir, mesh)
     tok = data.get_tokenizer(meta['config']['tokenizer'])
-    ids = tok.encode(start)[-model_cfg.block_size:]
+    ids = tok.encode(sample.read_prompt(start))[-model_cfg.block_size:]  # as sample.py reads it
     if len(ids) == 0:
         raise ValueError("--start is empty: give a prompt, e.g. --start='def main('")
     return model_cfg, graphdef, params, specs, mesh, np.asarray(ids)[None], token_labels(tok, ids)
