@@ -10,6 +10,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -86,8 +87,10 @@ def read(path):
     return {**arrays, **bf16}, meta
 
 
-def check_meta(meta, path):
-    """Check a training checkpoint's header is as train.py writes it; else a ValueError."""
+def check_meta(meta, path, implied=None, tokens_crc=None):
+    """Check a training checkpoint's header is as train.py writes it, and, resuming, that its model
+    is the one its config `implied` (the fields that say what is computed) and its tokens those of
+    `tokens_crc` (the CRC of the train and val tokens); else a ValueError."""
     def whole(x, below=2**62):
         return type(x) is int and 0 <= x < below
 
@@ -110,6 +113,28 @@ def check_meta(meta, path):
     if named and int(named.group(1)) != meta['step']:  # a copy under another step's name
         raise ValueError(f"checkpoint {path} holds step {meta['step']}, not its name's: it was "
                          "copied or renamed; move it away to resume from the others")
+    if implied and any(meta['model'].get(k, v) != v for k, v in implied.items()):
+        raise ValueError(f"checkpoint {path}'s model header does not match its config: it was not "
+                         "written by train.py; delete it to resume from an earlier one")
+    if tokens_crc and meta.get('tokens_crc', tokens_crc) != tokens_crc:  # older ones have none
+        raise ValueError(f"{path} was trained on other tokens than --data holds now (it was "
+                         "edited, or its cache replaced): pass the data it was trained on")
+
+
+def make_out_dir(folder):
+    """Make folder, if need be, once it is known that train.py can write there and that its log
+    is a file (through a link, a file elsewhere would be written). Else a ValueError."""
+    for name in ('metrics.jsonl', 'metrics.jsonl.next'):
+        log = os.path.join(folder, name)
+        if os.path.lexists(log) and (os.path.islink(log) or not os.path.isfile(log)):
+            raise ValueError(f"{log} is a folder, a device or a link, not the log train.py keeps "
+                             "there: move it away")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # can we write there? (leaves nothing)
+    except OSError as e:
+        raise ValueError(f"--out_dir={folder} cannot be written ({e.strerror}): choose another "
+                         "folder") from None
 
 
 def check_finite(arrays, path):  # a run that diverged may have saved NaN weights

@@ -1,6 +1,6 @@
 """How fast the training step runs on this machine, and the settings that make it fast there:
 the compute dtype that suits the CPU, malloc kept for XLA:CPU, the model's FLOPs and the device's
-peak, the speed each log line reports, and `train.py --bench`.
+peak, the speed each log line reports, and `train.py --bench` (and its profiles' names checked).
 
 Needs: nothing from the other files.
 """
@@ -8,6 +8,7 @@ import ctypes
 import os
 import platform
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -94,6 +95,25 @@ def keep_freed_memory(keep=True, step=None):
     except (OSError, AttributeError, IndexError):
         return False
     return keep
+
+
+def check_profiles(profile, memory_profile):
+    """train.py's --profile (a folder the trace makes) and --memory_profile (a new file): written
+    after the steps, so a name that cannot be fails now, before any work."""
+    there = Path(os.path.abspath(profile)) if profile else None
+    while there and not there.exists():  # the trace makes the folders below the nearest that is
+        there = there.parent
+    if there and not (there.is_dir() and os.access(there, os.W_OK)):
+        why = 'Not a directory' if not there.is_dir() else 'Permission denied'
+        raise ValueError(f"--profile={profile}: the trace cannot be made there ({why}): choose "
+                         "another folder")
+    try:  # made and removed: it overwrites nothing, and leaves nothing
+        if memory_profile:
+            open(memory_profile, 'x').close()
+            os.unlink(memory_profile)
+    except OSError:
+        raise ValueError(f"--memory_profile={memory_profile}: name a new file in a folder that "
+                         "exists (it overwrites nothing)") from None
 
 
 def step_flops(cfg, batch_size, n_params):

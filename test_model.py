@@ -1606,7 +1606,7 @@ BAD = {  # flags -> what the one-line message must say
                                      'evaluates trained weights: add --resume'),
     'empty cache_dir': (['--out_dir={fresh}', '--cache_dir='], '--cache_dir is empty'),
     'resumed on edited data': (['--out_dir={other_tokens}', '--resume', '--max_iters=4'],
-                               'was trained on other tokens than --data='),
+                               'was trained on other tokens than --data holds now'),
     'header model of another vocabulary': (['--out_dir={vocab_in_padding}', '--resume',
                                             '--max_iters=4'], "model header does not match"),
 }

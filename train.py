@@ -23,7 +23,6 @@ import dataclasses
 import os
 import signal
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -188,21 +187,7 @@ def check_inputs(cfg):
         raise ValueError("--cache_dir is empty: pass a folder for the tokenized text")
     if cfg.profile and not cfg.bench:
         raise ValueError("--profile traces --bench's steps: add --bench, or drop --profile")
-    if cfg.profile:  # the trace is written after the steps: a folder that cannot be, fails now
-        there = Path(os.path.abspath(cfg.profile))
-        while not there.exists():  # made by the trace, under the nearest folder that exists
-            there = there.parent
-        if not (there.is_dir() and os.access(there, os.W_OK)):
-            why = 'Not a directory' if not there.is_dir() else 'Permission denied'
-            raise ValueError(f"--profile={cfg.profile}: the trace cannot be made there ({why}): "
-                             "choose another folder")
-    try:  # made and removed now: a name that cannot be a new file fails before any work
-        if cfg.memory_profile:
-            open(cfg.memory_profile, 'x').close()
-            os.unlink(cfg.memory_profile)
-    except OSError:
-        raise ValueError(f"--memory_profile={cfg.memory_profile}: name a new file in a folder that "
-                         "exists (it overwrites nothing)") from None
+    perf.check_profiles(cfg.profile, cfg.memory_profile)
     return tok
 
 
@@ -246,17 +231,7 @@ def claim_out_dir(cfg):
     time). -> the lock, or None for processes but 0, --bench and --eval_only (no writes)."""
     if cfg.bench or cfg.eval_only:
         return None
-    for name in ('metrics.jsonl', 'metrics.jsonl.next'):  # a link: its target would be written
-        metrics = os.path.join(cfg.out_dir, name)
-        if os.path.lexists(metrics) and (os.path.islink(metrics) or not os.path.isfile(metrics)):
-            raise ValueError(f"{metrics} is a folder, a device or a link, not the log train.py "
-                             "keeps there: move it away")
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=cfg.out_dir).close()  # can we write there? (leaves nothing)
-    except OSError as e:
-        raise ValueError(f"--out_dir={cfg.out_dir} cannot be written ({e.strerror}): choose "
-                         "another folder") from None
+    checkpoint.make_out_dir(cfg.out_dir)
     lock, owner = checkpoint.lock(cfg.out_dir) if jax.process_index() == 0 else (None, None)
     refused = np.int32(jax.process_index() == 0 and lock is None)
     if process_allgather(refused).max():  # every process learns what process 0 found
@@ -271,7 +246,8 @@ def resume(cfg, model_cfg, tokens_crc, params, opt_state):
     """-> params, opt_state, step, cursor, key of the newest checkpoint in out_dir."""
     path = checkpoint.in_folder(cfg.out_dir)[-1]
     arrays, meta = checkpoint.read(path)
-    checkpoint.check_meta(meta, path)
+    model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in HOW}
+    checkpoint.check_meta(meta, path, model, tokens_crc)
     checkpoint.check_finite(arrays, path)
     # a flag the checkpoint lacks (an older version's, or a damaged header) had its default
     saved = {f.name: f.default for f in dataclasses.fields(Config)} | meta['config']
@@ -283,13 +259,6 @@ def resume(cfg, model_cfg, tokens_crc, params, opt_state):
         flags_given = ', '.join(f"--{k}={v}" for k, v in changed.items())
         raise ValueError(f"{path} was trained with {flags_given}: pass the same flags (or its "
                          "--preset) to continue it exactly")
-    model = dataclasses.asdict(model_cfg)  # what its config implies; a header may not disagree
-    if any(meta['model'].get(k, v) != v for k, v in model.items() if k not in HOW):
-        raise ValueError(f"checkpoint {path}'s model header does not match its config: it was not "
-                         "written by train.py; delete it to resume from an earlier one")
-    if meta.get('tokens_crc', tokens_crc) != tokens_crc:  # an older version's has none
-        raise ValueError(f"{path} was trained on other tokens than --data={cfg.data} holds now (it "
-                         "was edited, or its cache replaced): pass the data it was trained on")
     state = shard.place(arrays, {'params': params, 'opt': opt_state})
     key = jax.random.wrap_key_data(np.array(meta['key'], np.uint32))
     print(f"resumed from {path} at step {meta['step']}")
