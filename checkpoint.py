@@ -87,10 +87,8 @@ def read(path):
     return {**arrays, **bf16}, meta
 
 
-def check_meta(meta, path, implied=None, tokens_crc=None):
-    """Check a training checkpoint's header is as train.py writes it, and, resuming, that its model
-    is the one its config `implied` (the fields that say what is computed) and its tokens those of
-    `tokens_crc` (the CRC of the train and val tokens); else a ValueError."""
+def check_meta(meta, path):
+    """Check a training checkpoint's header is as train.py writes it; else a ValueError."""
     def whole(x, below=2**62):
         return type(x) is int and 0 <= x < below
 
@@ -113,10 +111,16 @@ def check_meta(meta, path, implied=None, tokens_crc=None):
     if named and int(named.group(1)) != meta['step']:  # a copy under another step's name
         raise ValueError(f"checkpoint {path} holds step {meta['step']}, not its name's: it was "
                          "copied or renamed; move it away to resume from the others")
-    if implied and any(meta['model'].get(k, v) != v for k, v in implied.items()):
+
+
+def check_same_run(meta, path, implied, tokens_crc):
+    """Resuming with its flags: the header's model must be the one they `implied` (the fields that
+    say what is computed), its tokens those of `tokens_crc` (train's and val's CRC); else a
+    ValueError."""
+    if any(meta['model'].get(k, v) != v for k, v in implied.items()):
         raise ValueError(f"checkpoint {path}'s model header does not match its config: it was not "
                          "written by train.py; delete it to resume from an earlier one")
-    if tokens_crc and meta.get('tokens_crc', tokens_crc) != tokens_crc:  # older ones have none
+    if meta.get('tokens_crc', tokens_crc) != tokens_crc:  # an older version's has none
         raise ValueError(f"{path} was trained on other tokens than --data holds now (it was "
                          "edited, or its cache replaced): pass the data it was trained on")
 

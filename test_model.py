@@ -828,7 +828,7 @@ def test_int8_weights_within_half_a_step(spec):
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--temperature=-1', '--temperature=-1.0 must be in [0, inf)'),
+    ('--temperature=-1', '--temperature=-1.0 must be in [0, 1e6]'),
     ('--top_k=-5', '--top_k=-5 must be in [0, inf)'),
     ('--top_p=0', '--top_p=0.0 must be in (0, 1]'),
     ('--num_samples=0', '--num_samples=0 must be in [1, inf)')])

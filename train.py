@@ -246,8 +246,7 @@ def resume(cfg, model_cfg, tokens_crc, params, opt_state):
     """-> params, opt_state, step, cursor, key of the newest checkpoint in out_dir."""
     path = checkpoint.in_folder(cfg.out_dir)[-1]
     arrays, meta = checkpoint.read(path)
-    model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in HOW}
-    checkpoint.check_meta(meta, path, model, tokens_crc)
+    checkpoint.check_meta(meta, path)
     checkpoint.check_finite(arrays, path)
     # a flag the checkpoint lacks (an older version's, or a damaged header) had its default
     saved = {f.name: f.default for f in dataclasses.fields(Config)} | meta['config']
@@ -259,6 +258,8 @@ def resume(cfg, model_cfg, tokens_crc, params, opt_state):
         flags_given = ', '.join(f"--{k}={v}" for k, v in changed.items())
         raise ValueError(f"{path} was trained with {flags_given}: pass the same flags (or its "
                          "--preset) to continue it exactly")
+    implied = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in HOW}
+    checkpoint.check_same_run(meta, path, implied, tokens_crc)
     state = shard.place(arrays, {'params': params, 'opt': opt_state})
     key = jax.random.wrap_key_data(np.array(meta['key'], np.uint32))
     print(f"resumed from {path} at step {meta['step']}")
