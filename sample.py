@@ -191,7 +191,7 @@ def main(argv):
         if cfg.quantize:
             params = int8.quantize(params, mesh)
     except (ValueError, OSError) as e:  # one line, as train.py
-        sys.exit(f"sample.py: {e}")
+        sys.exit(f"sample.py: {e}".replace('\n', '\\n'))  # a path may hold a newline
     try:
         stream(cfg, tok, start, make_sampler(graphdef, specs, mesh, model_cfg,
                                              cfg.dtype or meta['params_dtype'], cfg.temperature,

@@ -1351,7 +1351,7 @@ def test_full_disk_one_line_previous_checkpoint_kept(corpus, tmp_path):
                   'os.execv(sys.executable, [sys.executable] + sys.argv[2:])')
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
 
-    def run(*extra):
+    def run(*extra, limit=limit):
         return subprocess.run([sys.executable, '-c', small_disk, str(limit),
                                str(HERE / 'train.py'), f"--data={corpus / 'code.txt'}",
                                f"--cache_dir={corpus / 'cache'}", *TINY, f'--out_dir={tmp_path}',
@@ -1367,6 +1367,9 @@ def test_full_disk_one_line_previous_checkpoint_kept(corpus, tmp_path):
     r = run('--overwrite', '--seed=7')  # a new run over the old: its first save fails
     assert r.returncode != 0 and 'then --overwrite again' in r.stderr, r.stderr
     assert snapshot(tmp_path) == before  # the old run as it was, and no metrics.jsonl.next
+    r = run('--overwrite', '--seed=7', limit=10)  # not even its first log line fits
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert 'File too large' in r.stderr and snapshot(tmp_path) == before
 
 
 def test_signal_before_training_one_line(corpus, tmp_path):
@@ -1500,6 +1503,7 @@ BAD = {  # flags -> what the one-line message must say
     'unknown tokenizer': (['--out_dir={fresh}', '--tokenizer=sentencepiece'],
                           "--tokenizer='sentencepiece' is not one of byte, gpt2"),
     'resume without checkpoint': (['--out_dir={fresh}', '--resume'], 'no checkpoint in'),
+    'out_dir with a newline': (['--out_dir={fresh}\nx', '--resume'], 'fresh\\nx/: drop --resume'),
     'init_from a folder without GPT-2': (['--out_dir={fresh}', '--init_from={fresh}'],
                                          'no usable config.json'),
     'corrupt checkpoint': (['--out_dir={corrupt}', '--resume'], 'is corrupt or truncated'),

@@ -334,8 +334,6 @@ def save_checkpoint(cfg, model_cfg, tokens_crc, lock, replacing, params, opt_sta
     except OSError as e:  # an --overwrite run's first save: the old run is still the folder's
         newest = (checkpoint.in_folder(cfg.out_dir) or ['none'])[-1]
         then = '--overwrite again' if replacing else '--resume'
-        if replacing:  # its log goes with it: the old run's folder is as it was
-            Path(cfg.out_dir, 'metrics.jsonl.next').unlink(missing_ok=True)
         raise ValueError(f"could not write {path} ({e.strerror}): free some space, then {then}; "
                          f"the newest checkpoint is still {newest}") from None
     if replacing:
@@ -479,8 +477,12 @@ def run(cfg):
     save = partial(save_checkpoint, cfg, model_cfg, tokens_crc, lock, replacing)
     log = (checkpoint.open_log(cfg.out_dir, cfg.resume, step, bool(replacing)) if lock
            else lambda **row: None)  # only the process that writes keeps metrics.jsonl
-    params = train(cfg, train_step, next_batch, evaluate, save, log, speed,
-                   params, opt_state, step, cursor, key)
+    try:
+        params = train(cfg, train_step, next_batch, evaluate, save, log, speed,
+                       params, opt_state, step, cursor, key)
+    finally:  # an --overwrite run stopped before its first save: the old run's folder as it was
+        if replacing:
+            Path(cfg.out_dir, 'metrics.jsonl.next').unlink(missing_ok=True)
     if params is not None and cfg.sample_tokens:
         closing_sample(cfg, model_cfg, mesh, params, tok, key)
 
@@ -517,7 +519,8 @@ def main(argv):
             raise
     with contextlib.suppress(OSError):  # stdout may be the closed pipe
         sys.stdout.flush()
-    print(f"train.py: {problem}", file=sys.stderr, flush=True)
+    one_line = problem.replace('\n', '\\n')  # a path may hold a newline
+    print(f"train.py: {one_line}", file=sys.stderr, flush=True)
     # Skip Python's exit: its teardown can crash after a signal stopped C++ code mid-way, and
     # with other processes JAX's would wait for them (and the watchdog's line would follow).
     os._exit(1)

@@ -444,7 +444,7 @@ def main(argv):
         matplotlib.use('Agg')  # files only: no window
         command(out_dirs, cfg).savefig(cfg.out, dpi=100)
     except (ValueError, OSError) as e:
-        sys.exit(f"viz.py: {e}")
+        sys.exit(f"viz.py: {e}".replace('\n', '\\n'))  # a path may hold a newline
     print(f"wrote {cfg.out}")
 
 
