@@ -263,6 +263,9 @@ if __name__ == '__main__':
     print(f"\n## {name}\n")
     try:
         COMMANDS[name](*args)
-    except (ValueError, OSError, subprocess.CalledProcessError) as e:  # a path that is not one
+    except (ValueError, OSError) as e:  # a path that is not one
         sys.exit(f"bench.py {name}: {e}")
+    except subprocess.CalledProcessError as e:  # nanoGPT's side: its own last line says why
+        sys.exit(f"bench.py {name}: nanoGPT's step failed ({e.stderr.strip().splitlines()[-1]}): "
+                 "pass a nanoGPT clone and a Python with torch")
     print(f"\n({name}: {time.perf_counter() - t0:.0f} s wall)")
