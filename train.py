@@ -503,7 +503,8 @@ def main(argv):
         problem = "stopped by a signal outside the loop: every checkpoint saved is whole"
     except OSError as e:  # the outside world: a full disk, a file that cannot be opened
         where = e.filename or f'a file in {cfg.out_dir}/'  # a write's error names no file
-        then = ' (with --resume to continue)' if checkpoint.in_folder(cfg.out_dir) else ''
+        newest = checkpoint.in_folder(cfg.out_dir)  # an --overwrite run's may be the old run's
+        then = f' (--resume continues from {newest[-1].name})' if newest else ''
         problem = f"{e.strerror}: {where}: fix the path, or free some space, then run again{then}"
         if isinstance(e, BrokenPipeError):  # stdout a pipe whose reader ended (`| head`)
             problem = f"its output was closed (a pipe's reader ended): run again{then}"
