@@ -60,6 +60,20 @@ def in_folder(out_dir):
     return [steps[s] for s in sorted(steps)]
 
 
+def rotate(out_dir, saved, replacing, keep):
+    """After a save: keep the newest `keep` checkpoints. The first save of an --overwrite run
+    deletes the old run's (`replacing`, then emptied) and puts its own log in place."""
+    if replacing:
+        for old in replacing:
+            if old != saved:
+                old.unlink(missing_ok=True)
+        metrics = os.path.join(out_dir, 'metrics.jsonl')
+        os.replace(metrics + '.next', metrics)
+        replacing.clear()  # once: from here on this run's checkpoints are the folder's
+    for old in in_folder(out_dir)[:-keep]:
+        old.unlink()
+
+
 def save(path, arrays, meta):
     """{name: numpy array} and a JSON-able dict -> one .npz file, atomically. No pickle anywhere:
     bf16 is stored as its uint16 bits, the dict as UTF-8 JSON bytes."""

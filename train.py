@@ -336,15 +336,7 @@ def save_checkpoint(cfg, model_cfg, tokens_crc, lock, replacing, params, opt_sta
         then = '--overwrite again' if replacing else '--resume'
         raise ValueError(f"could not write {path} ({e.strerror}): free some space, then {then}; "
                          f"the newest checkpoint is still {newest}") from None
-    if replacing:
-        for old in replacing:
-            if old != path:
-                old.unlink(missing_ok=True)
-        metrics = os.path.join(cfg.out_dir, 'metrics.jsonl')
-        os.replace(metrics + '.next', metrics)
-        replacing.clear()  # once: from here on this run's checkpoints are the folder's
-    for old in checkpoint.in_folder(cfg.out_dir)[:-cfg.keep_checkpoints]:
-        old.unlink()
+    checkpoint.rotate(cfg.out_dir, path, replacing, cfg.keep_checkpoints)
     return path
 
 
@@ -361,9 +353,8 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
           cursor, key):
     """The loop, from `step` to max_iters, one compiled step per batch: every log_interval the
     losses are read back, checked, logged; every eval_interval (and at the end) an evaluation and
-    a checkpoint. SIGTERM or Ctrl-C: after the current step, check, save and return None, without
-    evaluating (a pre-empted job has seconds); with other processes, at the next log step, where
-    they all meet. -> the params at max_iters."""
+    a checkpoint. SIGTERM or Ctrl-C: after this step (with other processes: at the next log step),
+    check, save and return None, without evaluating (a pre-empted job has seconds). -> params."""
     stop = []  # the signal handlers' flag
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
