@@ -261,10 +261,12 @@ if __name__ == '__main__':
           f"({jax.devices()[0].device_kind})")
     t0 = time.perf_counter()
     print(f"\n## {name}\n")
+    if name == 'nanogpt' and args[2:] not in ([], ['bfloat16'], ['float32']):
+        sys.exit(f"bench.py nanogpt: DTYPE is bfloat16 or float32, not {args[2]!r}")
     try:
         COMMANDS[name](*args)
     except (ValueError, OSError) as e:  # a path that is not one
-        sys.exit(f"bench.py {name}: {e}")
+        sys.exit(f"bench.py {name}: {e}".replace('\n', '\\n'))  # a path may hold a newline
     except subprocess.CalledProcessError as e:  # nanoGPT's side: its own last line says why
         sys.exit(f"bench.py {name}: nanoGPT's step failed ({e.stderr.strip().splitlines()[-1]}): "
                  "pass a nanoGPT clone and a Python with torch")

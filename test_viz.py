@@ -206,6 +206,7 @@ def test_block_layouts_cover_each_weight():
     (['mesh', '--model=gpt9'], 'is not one of'),
     (['mesh', '--out='], 'name a .png file'),
     (['mesh', '--out={tmp}'], 'name a .png file'),
+    (['mesh', '--out={garbage}/metrics.jsonl/x.png'], 'cannot be written (Not a directory)'),
 ])
 def test_bad_input_gets_one_line(tmp_path, argv, says):
     (tmp_path / 'garbage').mkdir()

@@ -442,9 +442,13 @@ def main(argv):
         pyplot()
         import matplotlib
         matplotlib.use('Agg')  # files only: no window
-        command(out_dirs, cfg).savefig(cfg.out, dpi=100)
+        figure = command(out_dirs, cfg)
     except (ValueError, OSError) as e:
         sys.exit(f"viz.py: {e}".replace('\n', '\\n'))  # a path may hold a newline
+    try:
+        figure.savefig(cfg.out, dpi=100)
+    except OSError as e:
+        sys.exit(f"viz.py: --out={cfg.out!r} cannot be written ({e.strerror}): choose another path")
     print(f"wrote {cfg.out}")
 
 
