@@ -15,6 +15,7 @@ import itertools
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,8 @@ def nanogpt(path, python=sys.executable, dtype='', rounds=3, warmup=3, steps=5):
     torch: float32, dropout 0, its AdamW, clipping at 1.0) against ours at the same shapes (in
     `dtype`; '': train.py's default here), interleaved so both see the same machine: `rounds`
     times each, `steps` after `warmup`."""
+    if not (Path(path) / 'model.py').is_file():  # before compiling ours
+        raise ValueError(f"{path}/model.py not found: pass the folder of a nanoGPT clone")
     print(f"nanoGPT from {path} (run by {python}) against this project; ms/step per round\n")
     print("| shape | nanoGPT | this project | nanoGPT / this project |")
     print("| --- | --- | --- | --- |")

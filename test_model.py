@@ -1278,7 +1278,7 @@ def test_damaged_cache_and_undecodable_names(corpus, trained, tmp_path):
 
 @pytest.mark.parametrize('args, says', [(['sampling', 'out', 'extra'], 'usage:'),
                                          (['sampling', '/no/such/run'], 'no checkpoint in'),
-                                         (['nanogpt', '/no/such/clone'], "nanoGPT's step failed"),
+                                         (['nanogpt', '/no/such/clone'], 'model.py not found'),
                                          (['nanogpt', '/x', 'python', 'x'], 'DTYPE is bfloat16')])
 def test_bench_bad_arguments_one_line(args, says):
     r = subprocess.run([sys.executable, str(HERE / 'bench.py'), *args], capture_output=True,
