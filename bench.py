@@ -9,7 +9,7 @@
 Each times the training step as `train.py` builds it, on a 1x1 mesh. Memory is XLA's analysis of
 the compiled step (a CPU has no runtime statistics), so `attention` can measure contexts this
 machine could never run. Needs: train.py, optim.py, perf.py, sample.py, shard.py, model.py,
-data.py. Writes nothing.
+data.py, int8.py, flags.py. Writes nothing.
 """
 import itertools
 import subprocess
@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import data
+import flags
 import int8
 import model
 import optim
@@ -269,7 +270,7 @@ if __name__ == '__main__':
     try:
         COMMANDS[name](*args)
     except (ValueError, OSError) as e:  # a path that is not one
-        sys.exit(f"bench.py {name}: {e}".replace('\n', '\\n'))  # a path may hold a newline
+        sys.exit(flags.one_line(f"bench.py {name}: {e}"))
     except subprocess.CalledProcessError as e:  # nanoGPT's side: its own last line says why
         sys.exit(f"bench.py {name}: nanoGPT's step failed ({e.stderr.strip().splitlines()[-1]}): "
                  "pass a nanoGPT clone and a Python with torch")

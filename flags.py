@@ -31,6 +31,10 @@ def in_range(value, within):
     return above_low and below_high
 
 
+def one_line(message):  # an error's one line: a newline in it (a path may hold one) escaped
+    return message.replace('\n', '\\n')
+
+
 def rule(field):  # what --help and the error messages say a flag may be
     choices, within = field.metadata['choices'], field.metadata['within']
     if choices:

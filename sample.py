@@ -185,13 +185,12 @@ def main(argv):
         start = read_prompt(cfg.start)
         if cfg.export:
             hf.export(cfg.export, params, model_cfg, tokenizer, tok.eot)
-            print(f"wrote {cfg.export}/config.json and model.safetensors (Hugging Face's GPT-2 "
-                  "layout)")
+            print(f"wrote {cfg.export}/config.json and model.safetensors (Hugging Face's layout)")
             return
         if cfg.quantize:
             params = int8.quantize(params, mesh)
     except (ValueError, OSError) as e:  # one line, as train.py
-        sys.exit(f"sample.py: {e}".replace('\n', '\\n'))  # a path may hold a newline
+        sys.exit(flags.one_line(f"sample.py: {e}"))
     try:
         stream(cfg, tok, start, make_sampler(graphdef, specs, mesh, model_cfg,
                                              cfg.dtype or meta['params_dtype'], cfg.temperature,

@@ -260,6 +260,17 @@ def test_remat_gives_the_same_gradients(reference):
     assert_close(grads, reference[1])
 
 
+def test_softmax_backward_equals_autodiff():
+    """attention.softmax's own backward gives jax.nn.softmax's gradient, masked scores included."""
+    T = 6
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), jax.random.normal(jax.random.key(0), (T, T)),
+                  -jnp.inf)
+    w = jax.random.normal(jax.random.key(1), (T, T))  # so that every gradient entry matters
+    ours, autodiff = (jax.grad(lambda s: (f(s) * w).sum()) for f in (
+        attention.softmax, lambda s: jax.nn.softmax(s, axis=-1)))
+    np.testing.assert_allclose(ours(s), autodiff(s), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize('T', [128, 200])  # a multiple of the 128-key block, and not
 def test_blockwise_attention_matches_xla(T):
     """Flash attention's outputs and gradients equal the textbook formula's: float32, 2e-5."""

@@ -511,8 +511,7 @@ def main(argv):
             raise
     with contextlib.suppress(OSError):  # stdout may be the closed pipe
         sys.stdout.flush()
-    one_line = problem.replace('\n', '\\n')  # a path may hold a newline
-    print(f"train.py: {one_line}", file=sys.stderr, flush=True)
+    print(flags.one_line(f"train.py: {problem}"), file=sys.stderr, flush=True)
     # Skip Python's exit: its teardown can crash after a signal stopped C++ code mid-way, and
     # with other processes JAX's would wait for them (and the watchdog's line would follow).
     os._exit(1)

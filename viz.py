@@ -444,7 +444,7 @@ def main(argv):
         matplotlib.use('Agg')  # files only: no window
         figure = command(out_dirs, cfg)
     except (ValueError, OSError) as e:
-        sys.exit(f"viz.py: {e}".replace('\n', '\\n'))  # a path may hold a newline
+        sys.exit(flags.one_line(f"viz.py: {e}"))
     try:
         figure.savefig(cfg.out, dpi=100)
     except OSError as e:
