@@ -47,6 +47,7 @@ from flags import flag
 from model import GPTConfig
 
 CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'jaxgpt')
+SIGNALS = []  # each SIGTERM or Ctrl-C: one whose exception a gc callback swallowed still stops
 POSITIVE, COUNT = '[1, 2**24]', '[0, 2**31)'  # sizes that fit memory; steps that fit int32
 
 
@@ -355,7 +356,7 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
     losses are read back, checked, logged; every eval_interval (and at the end) an evaluation and
     a checkpoint. SIGTERM or Ctrl-C: after this step (with other processes: at the next log step),
     check, save and return None, without evaluating (a pre-empted job has seconds). -> params."""
-    stop = []  # the signal handlers' flag
+    stop = SIGNALS  # the signal handlers' flag, with any that came before the loop
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
     lr = optim.lr_schedule(cfg)
@@ -479,12 +480,14 @@ def run(cfg):
 
 
 def stop_before_training(*_):  # SIGTERM outside the loop's own handlers: as Ctrl-C
+    SIGNALS.append(True)
     raise KeyboardInterrupt
 
 
 def main(argv):
     perf.keep_freed_memory()  # before jax starts its threads
     cfg = flags.parse('train.py', argv, Config(), PRESETS)
+    SIGNALS.clear()  # a run in the same process before this one (the tests) leaves none
     signal.signal(signal.SIGTERM, stop_before_training)
     try:
         return run(cfg)
