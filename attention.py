@@ -78,7 +78,7 @@ def _softmax_fwd(s):
 def _softmax_bwd(p, dp):
     """d(score) = p (dp - sum_k p dp): the backward needs only the probabilities. Differentiated
     as written, jax.nn.softmax keeps its exps and sums too, and the whole step's memory for
-    the baby GPT grows by a fifth (README: Performance)."""
+    the baby GPT grows by a quarter (README: Performance)."""
     return (p * (dp - jnp.sum(p * dp, -1, keepdims=True)),)
 
 

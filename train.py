@@ -488,7 +488,8 @@ def main(argv):
     perf.keep_freed_memory()  # before jax starts its threads
     cfg = flags.parse('train.py', argv, Config(), PRESETS)
     SIGNALS.clear()  # a run in the same process before this one (the tests) leaves none
-    signal.signal(signal.SIGTERM, stop_before_training)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C too: Python's own records nothing
+        signal.signal(sig, stop_before_training)
     try:
         return run(cfg)
     except (ValueError, FloatingPointError) as e:  # bad input: one line, nothing overwritten
