@@ -25,6 +25,7 @@ PEAK_TFLOPS = {'H100 PCIe': dict(bfloat16=756, float32=51), 'H100': dict(bfloat1
 # names, as /proc/cpuinfo lists them). Elsewhere XLA:CPU widens every bf16 operand to float32
 # first, and bf16 compute is slower than float32 (README: Performance).
 NATIVE_BF16 = {'avx512_bf16', 'amx_bf16', 'bf16'}
+HEAP_BOUND = 0  # bytes of resident memory: keep_freed_memory sets it, trim_heap reads it
 
 
 def proc_values(path, *fields):  # these fields' values in Linux's /proc/cpuinfo or meminfo
@@ -78,16 +79,22 @@ def keep_freed_memory(keep=True, step=None):
     """XLA:CPU allocates each step's temporaries afresh (5 GB for the baby GPT), and glibc hands
     big freed blocks back to the kernel: a page fault per 4 KB touched, a third of the step on 2
     cores (README: Performance). Asked to keep them (M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD
-    never), the next step reuses them; call it before jax starts its threads. But the kept heap
-    fragments, and was measured at up to 4x the step's own memory: given the compiled `step`,
-    glibc's defaults come back (keep=False) where that would not fit in available memory. Other C
-    libraries (macOS, musl) are left as they are. -> whether freed memory is kept."""
+    never), the next step reuses them; call it before jax starts its threads. But a step's
+    temporaries are at times allocated before the last step's are freed, and the kept heap grows
+    by a step's memory each time: 5x the step's in 40 steps of the baby GPT. Given the compiled
+    `step`, glibc's defaults come back where 4x its memory would not fit in available memory, and
+    HEAP_BOUND is set: the resident memory past which `trim_heap` hands freed memory back, what
+    the process holds now and 2.5x the step's. Other C libraries (macOS, musl) are left as they
+    are. -> whether freed memory is kept."""
+    global HEAP_BOUND
+    HEAP_BOUND = 0
     try:
         libc = ctypes.CDLL('libc.so.6')  # glibc's, or an OSError
         if step is not None and jax.default_backend() == 'cpu':
             m = step.memory_analysis()
-            available = int(proc_values('/proc/meminfo', 'MemAvailable')[0].split()[0]) * 1024
-            keep = 4 * (m.temp_size_in_bytes + m.argument_size_in_bytes) < available
+            step_memory = m.temp_size_in_bytes + m.argument_size_in_bytes
+            keep = 4 * step_memory < kilobytes('/proc/meminfo', 'MemAvailable')
+            HEAP_BOUND = int(keep and kilobytes('/proc/self/status', 'VmRSS') + 2.5 * step_memory)
             if not keep:
                 print("malloc as glibc has it: 4x this step's memory is more than is available")
         for option, kept, glibc_default in ((-8, 1, 0), (-4, 0, 65536), (-1, -1, 128 << 10)):
@@ -95,6 +102,17 @@ def keep_freed_memory(keep=True, step=None):
     except (OSError, AttributeError, IndexError):
         return False
     return keep
+
+
+def kilobytes(path, field):  # a field of /proc/meminfo or /proc/self/status, in bytes
+    return int(proc_values(path, field)[0].split()[0]) * 1024
+
+
+def trim_heap():
+    """Past HEAP_BOUND of resident memory, hand the heap's freed memory back to the kernel (glibc's
+    malloc_trim): the next step faults its temporaries in again. Called after each step."""
+    if HEAP_BOUND and kilobytes('/proc/self/status', 'VmRSS') > HEAP_BOUND:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
 
 
 def check_profiles(profile, memory_profile):
@@ -172,6 +190,7 @@ def timed_steps(train_step, params, opt_state, next_batch, key, warmup, steps):
         batch, cursor = next_batch(cursor)
         t0 = time.perf_counter()
         params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(key, i))
+        trim_heap()
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
     return np.array(times[warmup:]), params, opt_state, cursor

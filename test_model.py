@@ -619,6 +619,25 @@ def test_compute_dtype_fits_the_cpu(tmp_path, capsys):
     assert cfg.dtype == rule[0] and f"{rule[0]} compute: {rule[1]}" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not Path('/proc/self/status').exists(), reason='reads Linux resident memory')
+def test_trim_heap_hands_kept_memory_back(monkeypatch):
+    """Kept, a freed 256 MiB block stays resident; past HEAP_BOUND, trim_heap hands it back (the
+    bound on a kept heap that grows when a step's temporaries come before the last's are freed)."""
+    if not perf.keep_freed_memory():
+        pytest.skip("glibc's mallopt is not here")
+
+    def resident():
+        return perf.kilobytes('/proc/self/status', 'VmRSS')
+
+    block = np.ones(256 << 17)  # 256 MiB of float64, from the kept heap
+    held = resident()
+    del block
+    assert resident() > held - (128 << 20)  # freed, but kept
+    monkeypatch.setattr(perf, 'HEAP_BOUND', 1)
+    perf.trim_heap()
+    assert resident() < held - (192 << 20)
+
+
 # --- data -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', ['byte', 'gpt2'])

@@ -367,6 +367,7 @@ def train(cfg, train_step, next_batch, evaluate, save, log, speed, params, opt_s
         params, opt_state, loss = train_step(params, opt_state, batch,
                                              jax.random.fold_in(key, step))
         pending.append(loss)  # read back only at log time, so the host never waits on the device
+        perf.trim_heap()
         step += 1
         if step == first_step + 1 and cfg.memory_profile:  # all the loop keeps is live by now
             jax.profiler.save_device_memory_profile(cfg.memory_profile)
