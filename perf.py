@@ -93,6 +93,7 @@ def keep_freed_memory(keep=True, step=None):
         if step is not None and jax.default_backend() == 'cpu':
             m = step.memory_analysis()
             step_memory = m.temp_size_in_bytes + m.argument_size_in_bytes
+            libc.malloc_trim(0)  # what an earlier step kept counts as available, as it is
             keep = 4 * step_memory < kilobytes('/proc/meminfo', 'MemAvailable')
             HEAP_BOUND = int(keep and kilobytes('/proc/self/status', 'VmRSS') + 2.5 * step_memory)
             if not keep:
