@@ -36,6 +36,10 @@ def proc_values(path, *fields):  # these fields' values in Linux's /proc/cpuinfo
     return [line.split(':', 1)[1].strip() for line in lines if line.startswith(fields)]
 
 
+def proc_bytes(path, field):  # a field of /proc/meminfo or /proc/self/status (kB there), in bytes
+    return int(proc_values(path, field)[0].split()[0]) * 1024
+
+
 def isa_cap():  # XLA_FLAGS' --xla_cpu_max_isa (AVX2, ...): what XLA:CPU may emit at most
     caps = [f.split('=')[1] for f in os.environ.get('XLA_FLAGS', '').split() if 'max_isa=' in f]
     return caps[-1] if caps else 'none'
@@ -94,8 +98,8 @@ def keep_freed_memory(keep=True, step=None):
             m = step.memory_analysis()
             step_memory = m.temp_size_in_bytes + m.argument_size_in_bytes
             libc.malloc_trim(0)  # what an earlier step kept counts as available, as it is
-            keep = 4 * step_memory < kilobytes('/proc/meminfo', 'MemAvailable')
-            HEAP_BOUND = int(keep and kilobytes('/proc/self/status', 'VmRSS') + 2.5 * step_memory)
+            keep = 4 * step_memory < proc_bytes('/proc/meminfo', 'MemAvailable')
+            HEAP_BOUND = int(keep and proc_bytes('/proc/self/status', 'VmRSS') + 2.5 * step_memory)
             if not keep:
                 print("malloc as glibc has it: 4x this step's memory is more than is available")
         for option, kept, glibc_default in ((-8, 1, 0), (-4, 0, 65536), (-1, -1, 128 << 10)):
@@ -105,14 +109,10 @@ def keep_freed_memory(keep=True, step=None):
     return keep
 
 
-def kilobytes(path, field):  # a field of /proc/meminfo or /proc/self/status, in bytes
-    return int(proc_values(path, field)[0].split()[0]) * 1024
-
-
 def trim_heap():
     """Past HEAP_BOUND of resident memory, hand the heap's freed memory back to the kernel (glibc's
     malloc_trim): the next step faults its temporaries in again. Called after each step."""
-    if HEAP_BOUND and kilobytes('/proc/self/status', 'VmRSS') > HEAP_BOUND:
+    if HEAP_BOUND and proc_bytes('/proc/self/status', 'VmRSS') > HEAP_BOUND:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
 
 

@@ -627,7 +627,7 @@ def test_trim_heap_hands_kept_memory_back(monkeypatch):
         pytest.skip("glibc's mallopt is not here")
 
     def resident():
-        return perf.kilobytes('/proc/self/status', 'VmRSS')
+        return perf.proc_bytes('/proc/self/status', 'VmRSS')
 
     block = np.ones(256 << 17)  # 256 MiB of float64, from the kept heap
     held = resident()
